@@ -1,0 +1,33 @@
+# `make test` and `make demo` work on a fresh machine with only python3: they create .venv when missing,
+# install torch 2.13.0 first (a CPU build), then everything else under constraints.txt so pip never replaces
+# torch with a CUDA build.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.kds-hook-installed
+PYTEST_ARGS ?=
+
+.PHONY: test demo bench install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[all]'
+	# k-diffusion's declared requirements pull CUDA torch, torchvision and clip: install it alone.
+	$(BIN)/python -m pip install -q -c constraints.txt --no-deps k-diffusion==0.1.1.post1
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: $(STAMP)
+	$(BIN)/kds-hook demo
+
+bench: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/python benchmarks/bench_meanshift.py
+
+clean:
+	rm -rf $(VENV) kds-demo .pytest_cache .hypothesis

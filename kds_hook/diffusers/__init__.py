@@ -1,0 +1,4 @@
+"""diffusers integration: steer a pipeline's scheduler in one line (tomesd style, duck-typed).
+
+Importing this module does not import diffusers; the functions work on any object with the right methods.
+"""

@@ -1,0 +1,204 @@
+"""``KDS``: the user-facing configuration, and ``steer_x0``, the one callback every integration calls."""
+
+from __future__ import annotations
+
+from typing import Callable, List, NamedTuple, Optional, Sequence, Union
+
+import torch
+
+from ._checks import BandwidthLike, check_num_particles, check_particle_batch, check_strength
+from .gate import Schedule, TimeGate
+from .meanshift import PatchMeanShift
+from .selection import SELECTION_METHODS, Selection, select_particles
+
+__all__ = ["KDS", "StepRecord"]
+
+SigmaToTFrac = Callable[[Union[float, torch.Tensor]], Union[float, torch.Tensor]]
+
+
+class StepRecord(NamedTuple):
+    """One model evaluation as seen by :meth:`KDS.steer_x0` (recorded when ``record=True``)."""
+
+    t_frac: float
+    strength: float
+    self_weight: Optional[float]  # mean w_ii / sum_k w_ik; None where nothing was steered
+    bandwidth: Optional[float]  # mean h over items; None where nothing was steered
+
+
+class KDS:
+    """Kernel Density Steering of an N-particle ensemble's x0 predictions.
+
+    Args:
+        num_particles: N, the particles sampled together per item (the paper uses 10).
+        patch_size: tile side of the patch-wise mean shift (the paper uses 1: each latent pixel's channel vector).
+        bandwidth: kernel standard deviation h in x0 units, or ``"auto"`` (median heuristic per item and step).
+        strength: delta while the gate is open (the paper's 0.3).
+        threshold: the gate is open while t/T >= threshold (the paper's 0.3).
+        schedule: optional callable t/T -> delta in [0, 1]; replaces strength/threshold.
+        sigma_to_t_frac: map from the sampler's sigma to t/T. Integrations pass t/T themselves; give this only
+            when calling :meth:`steer_x0` by hand with sigmas.
+        selection: default method of :meth:`select` (``"mean"``, ``"density"`` or ``"medoid"``).
+        record: keep a :class:`StepRecord` per steered call in :attr:`history` (costs one device sync per call).
+        check_finite: raise on NaN/Inf in x0 (one reduction per call).
+    """
+
+    def __init__(
+        self,
+        num_particles: int = 10,
+        patch_size: Union[int, Sequence[int]] = 1,
+        bandwidth: BandwidthLike = 0.3,
+        strength: float = 0.3,
+        threshold: float = 0.3,
+        *,
+        schedule: Optional[Schedule] = None,
+        sigma_to_t_frac: Optional[SigmaToTFrac] = None,
+        selection: str = "mean",
+        record: bool = False,
+        check_finite: bool = True,
+    ):
+        self.num_particles = check_num_particles(num_particles)
+        self.meanshift = PatchMeanShift(patch_size=patch_size, bandwidth=bandwidth)
+        self.gate = TimeGate(strength=strength, threshold=threshold, schedule=schedule)
+        if sigma_to_t_frac is not None and not callable(sigma_to_t_frac):
+            raise TypeError("sigma_to_t_frac must be a callable sigma -> t/T")
+        self.sigma_to_t_frac = sigma_to_t_frac
+        if selection not in SELECTION_METHODS:
+            raise ValueError(f"unknown selection method {selection!r}; choose one of {', '.join(SELECTION_METHODS)}")
+        self.selection = selection
+        self.record = bool(record)
+        self.check_finite = bool(check_finite)
+        self.history: List[StepRecord] = []
+
+    @classmethod
+    def from_minkds(
+        cls,
+        band_width: float = 1.0,
+        patch_size: int = 4,
+        gamma_0: float = 0.1,
+        num_particles: int = 4,
+        use_KDE: bool = True,
+        **kwargs,
+    ) -> "KDS":
+        """Builds a KDS from minKDS's parameter names, with minKDS's defaults.
+
+        minKDS evaluates ``exp(-(||p_i - p_k|| / band_width**2)**2 / 2)``: its band_width acts squared, so it is
+        converted to ``bandwidth = band_width**2`` here (minKDS's b=1.0 -> h=1.0, b=0.3 -> h=0.09).
+        ``gamma_0`` is the strength and ``use_KDE=False`` means strength 0. minKDS opens its gate for
+        t/T > 0.3; ours for t/T >= 0.3, which differs only at t/T exactly 0.3. Unlike minKDS, particles of
+        different images never mix, and selection averages over the particles, not over pixels.
+        """
+        from ._checks import check_bandwidth
+
+        band_width = check_bandwidth(band_width)
+        if band_width == "auto":
+            raise ValueError('minKDS has no "auto" band_width; use KDS(bandwidth="auto") directly')
+        return cls(
+            num_particles=num_particles,
+            patch_size=patch_size,
+            bandwidth=band_width**2,
+            strength=gamma_0 if use_KDE else 0.0,
+            **kwargs,
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"KDS(num_particles={self.num_particles}, patch_size={self.meanshift.patch_size!r}, "
+            f"bandwidth={self.meanshift.bandwidth!r}, gate={self.gate!r})"
+        )
+
+    @property
+    def patch_size(self):
+        return self.meanshift.patch_size
+
+    @property
+    def bandwidth(self) -> BandwidthLike:
+        return self.meanshift.bandwidth
+
+    def strength_at(self, t_frac: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
+        """delta at t/T (see :class:`~kds_hook.TimeGate`)."""
+        return self.gate(t_frac)
+
+    def steer_x0(
+        self,
+        denoised: torch.Tensor,
+        sigma: Union[float, torch.Tensor, None] = None,
+        *,
+        t_frac: Union[float, torch.Tensor, None] = None,
+        strength: Optional[float] = None,
+    ) -> torch.Tensor:
+        """Returns the steered x0 for a (B*N, ...) batch of predictions whose particles are contiguous.
+
+        The time t/T comes from ``t_frac`` when given, else from ``sigma_to_t_frac(sigma)``; without either this
+        raises rather than guessing. ``strength`` overrides the gate (for integrations whose gate is not a
+        function of t/T, such as a sigma threshold); t/T is then optional. Wherever delta = 0, ``denoised``
+        itself is returned untouched, so the sampler's own code path runs bit for bit.
+        """
+        check_particle_batch(denoised, self.num_particles)  # also when the gate is closed: wrong batches fail early
+        if strength is not None:
+            strength = check_strength(strength)
+            t_value = float("nan") if t_frac is None else float(torch.as_tensor(t_frac).reshape(-1)[0])
+            return self._steer(denoised, strength, t_value)
+        if t_frac is None:
+            if self.sigma_to_t_frac is None:
+                raise ValueError(
+                    "KDS.steer_x0 needs t/T: pass t_frac=..., or build KDS(sigma_to_t_frac=...) with a map from "
+                    "the sampler's sigma to t/T (integrations in kds_hook.k_diffusion and kds_hook.diffusers do this)"
+                )
+            if sigma is None:
+                raise ValueError("KDS.steer_x0 needs sigma (or t_frac) to know the diffusion time")
+            t_frac = self.sigma_to_t_frac(sigma)
+        strength, t_value = self._strength_per_item(t_frac, denoised)
+        return self._steer(denoised, strength, t_value)
+
+    def _steer(self, denoised: torch.Tensor, strength, t_value: float) -> torch.Tensor:
+        if self.num_particles == 1 or _is_zero(strength):
+            if self.record:
+                self.history.append(StepRecord(t_value, 0.0, None, None))
+            return denoised
+        steered = self.meanshift(
+            denoised, self.num_particles, strength, check_finite_values=self.check_finite
+        )
+        if self.record:
+            s = float(strength.mean()) if isinstance(strength, torch.Tensor) else strength
+            h = self.meanshift.last_bandwidth
+            self.history.append(
+                StepRecord(t_value, s, self.meanshift.last_self_weight, None if h is None else float(h.mean()))
+            )
+        return steered
+
+    def select(self, x: torch.Tensor, method: Optional[str] = None) -> Selection:
+        """One particle per item (default method: :attr:`selection`); see :func:`~kds_hook.select_particles`."""
+        return select_particles(
+            x,
+            self.num_particles,
+            method or self.selection,
+            patch_size=self.meanshift.patch_size,
+            bandwidth=self.meanshift.bandwidth,
+        )
+
+    def reset_history(self) -> None:
+        self.history.clear()
+
+    def _strength_per_item(self, t_frac, denoised: torch.Tensor):
+        """delta as a float when all rows share one t/T, else one value per item."""
+        if isinstance(t_frac, torch.Tensor) and t_frac.numel() > 1:
+            values = t_frac.detach().reshape(-1).to("cpu", torch.float64)
+            if bool((values == values[0]).all()):
+                return self.gate(float(values[0])), float(values[0])
+            if values.numel() != denoised.shape[0] or values.numel() % self.num_particles:
+                raise ValueError(
+                    f"t/T has {values.numel()} values for a batch of {denoised.shape[0]}; give one per row or one in all"
+                )
+            per_item = values.reshape(-1, self.num_particles)
+            if not bool((per_item == per_item[:, :1]).all()):
+                raise ValueError("the N particles of one item must be at the same diffusion time")
+            strength = self.gate(per_item[:, 0])
+            return strength, float(per_item[:, 0].mean())
+        t_value = float(t_frac)
+        return self.gate(t_value), t_value
+
+
+def _is_zero(strength) -> bool:
+    if isinstance(strength, torch.Tensor):
+        return bool((strength == 0).all())
+    return strength == 0.0
