@@ -65,29 +65,111 @@ def _segments(size: int, tile: int) -> List[Tuple[int, int, int]]:
     return runs
 
 
-class _Region:
-    """A box of the spatial grid whose tiles all have the same shape, so it patchifies with one reshape."""
+def _use_matmul(num_particles: int, dim: int) -> bool:
+    """Whether a region with patch dimension ``dim`` runs as batched matmuls over locations.
 
-    def __init__(self, slices: Tuple[slice, ...], tiles: Tuple[int, ...]):
+    Matmuls over per-location N x D matrices pay a fixed cost per location, which only wide patches (and, at
+    D = 16, many particles) amortise; otherwise N x N maps over all locations at once with elementwise ops are
+    faster. The rule comes from benchmarks/bench_meanshift.py on CPU (docs/benchmarks.md).
+    """
+    return dim >= 32 or (dim >= 16 and num_particles >= 32)
+
+
+class _Region:
+    """A box of the spatial grid whose tiles all have the same shape, so it patchifies with one rearrange.
+
+    Small patches (see :func:`_use_matmul`) use the layout (B, N, D, L), locations last, with pairwise maps
+    (B, N, N, L): for patch size 1 that is the input's own memory order, and every op runs over long
+    contiguous rows of locations. Larger patches use (B, L, N, D) with maps (B, L, N, N), for batched matmuls.
+    """
+
+    def __init__(self, slices: Tuple[slice, ...], tiles: Tuple[int, ...], channels: int, num_particles: int):
         self.slices = slices
         self.tiles = tiles
+        self.matmul = _use_matmul(num_particles, channels * math.prod(tiles))
         spatial = _SPATIAL[: len(tiles)]
         grid = " ".join(f"({s} t{s})" for s in spatial)
-        self.to_patches = f"b n c {grid} -> b ({' '.join(spatial)}) n (c {' '.join('t' + s for s in spatial)})"
-        self.from_patches = " -> ".join(reversed(self.to_patches.split(" -> ")))
+        tile_axes = " ".join("t" + s for s in spatial)
+        # Only splits and a permutation: a view of x (or of the output) whose element order, read
+        # contiguously, is the patch layout, so data moves between the two in one pass (a rearrange that
+        # merges axes would copy once more).
+        layout = f"b {' '.join(spatial)} n c {tile_axes}" if self.matmul else f"b n c {tile_axes} {' '.join(spatial)}"
+        self.split = f"b n c {grid} -> {layout}"
         self.tile_kwargs = {f"t{s}": t for s, t in zip(spatial, tiles)}
+        self.particle_dim = 1 + len(spatial) if self.matmul else 1
+        # Dimension of the pairwise maps that runs over the other particle k.
+        self.k_dim = 3 if self.matmul else 2
+
+    def _view(self, x: torch.Tensor) -> torch.Tensor:
+        return rearrange(x[(Ellipsis, *self.slices)], self.split, **self.tile_kwargs)
 
     def patches(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, C, *spatial) -> (B, L, N, D)."""
-        return rearrange(x[(Ellipsis, *self.slices)], self.to_patches, **self.tile_kwargs)
+        """(B, N, C, *spatial) -> patches relative to particle 0 of their item: (B, L, N, D) or (B, N, D, L).
 
-    def grid_kwargs(self, x_region_shape: Sequence[int]) -> dict:
-        spatial = _SPATIAL[: len(self.tiles)]
-        sizes = x_region_shape[3:]
-        kwargs = dict(self.tile_kwargs)
-        kwargs.update({s: size // t for s, size, t in zip(spatial, sizes, self.tiles)})
-        kwargs["c"] = x_region_shape[2]
-        return kwargs
+        Centring leaves the shift unchanged, but the common offset no longer costs precision and identical
+        particles give exact zeros.
+        """
+        view = self._view(x)
+        if self.matmul:
+            # This permutation reads x in short runs: torch's copy kernel does it faster than a strided sub.
+            # Always a copy: with a single location the view is already contiguous, and centring in place
+            # would overwrite the caller's x.
+            centred = view.clone(memory_format=torch.contiguous_format)
+            centred = centred.sub_(centred.narrow(self.particle_dim, 0, 1).clone())
+        else:
+            first = view.narrow(self.particle_dim, 0, 1)
+            centred = torch.sub(view, first, out=torch.empty(view.shape, dtype=view.dtype, device=view.device))
+        batch, n, dim = x.shape[0], x.shape[1], x.shape[2] * math.prod(self.tiles)
+        return centred.reshape(batch, -1, n, dim) if self.matmul else centred.reshape(batch, n, dim, -1)
+
+    def unpatch(
+        self, shift: torch.Tensor, out: torch.Tensor, x: torch.Tensor, strength: Optional[torch.Tensor]
+    ) -> None:
+        """Writes this region of ``out`` (B, N, C, *spatial): the shift itself when ``strength`` is None, else
+        ``x + strength * shift`` with one strength per item (B,)."""
+        target = self._view(out)
+        shift = shift.reshape(target.shape)
+        if strength is None:
+            target.copy_(shift)
+        elif self.matmul:
+            # As in patches(): a copy, then contiguous ops in x's own layout, beats one strided addcmul.
+            target.copy_(shift)
+            box = out[(Ellipsis, *self.slices)]
+            box.mul_(strength.reshape((-1,) + (1,) * (box.ndim - 1))).add_(x[(Ellipsis, *self.slices)])
+        else:
+            strength = strength.reshape((-1,) + (1,) * (target.ndim - 1))
+            torch.addcmul(self._view(x), strength, shift, out=target)
+
+    def sq_dists(self, patches: torch.Tensor) -> torch.Tensor:
+        """Pairwise squared distances, never an N x N x D tensor. The diagonal is exactly 0 (the kernel
+        relies on it: w_ii = 1)."""
+        if self.matmul:
+            gram = patches @ patches.transpose(-1, -2)  # (B, L, N, N)
+            sq_norm = gram.diagonal(dim1=-2, dim2=-1)
+            # d_ii = g_ii + g_ii - 2 g_ii is exactly 0 in floating point.
+            return (sq_norm.unsqueeze(-1) + sq_norm.unsqueeze(-2) - 2.0 * gram).clamp_min_(0.0)
+        batch, n, _, locations = patches.shape
+        d = patches.new_zeros(batch, n, n, locations)
+        for k in range(n - 1):  # each pair once: d is symmetric
+            dk = (patches[:, k + 1 :] - patches[:, k : k + 1]).square_().sum(dim=2)  # (B, N-k-1, L)
+            d[:, k, k + 1 :] = dk
+            d[:, k + 1 :, k] = dk
+        return d
+
+    def pair_values(self, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+        """The distances of the distinct pairs (rows[j], cols[j]) at every location, flattened per item."""
+        pairs = d[:, :, rows, cols] if self.matmul else d[:, rows, cols]
+        return pairs.reshape(d.shape[0], -1)
+
+    def weighted_sum(self, weights: torch.Tensor, patches: torch.Tensor) -> torch.Tensor:
+        """sum_k w_ik p_k for every particle i, in this layout."""
+        if self.matmul:
+            return weights @ patches
+        total = torch.zeros_like(patches)
+        for k in range(patches.shape[1]):
+            # w is symmetric: w[:, k] (contiguous) equals column k, w[:, :, k].
+            total.addcmul_(weights[:, k].unsqueeze(2), patches[:, k : k + 1])
+        return total
 
 
 class PatchMeanShift:
@@ -146,12 +228,15 @@ class PatchMeanShift:
         if check_finite_values:
             check_finite(x)
         work = x if x.dtype == torch.float64 else x.float()
-        shift = self._shift(work, num_particles)
         if isinstance(strength, torch.Tensor):
             per_item = strength.to(device=x.device, dtype=work.dtype).reshape(-1)
-            per_row = per_item.repeat_interleave(num_particles) if per_item.numel() > 1 else per_item
-            strength = per_row.reshape((-1,) + (1,) * (x.ndim - 1))
-        return (work + strength * shift).to(x.dtype)
+            batch = x.shape[0] // num_particles
+            if per_item.numel() not in (1, batch):
+                raise ValueError(
+                    f"strength as a tensor needs one value per item ({batch} items), got {per_item.numel()}"
+                )
+            strength = per_item.expand(batch)
+        return self._shift(work, num_particles, strength).to(x.dtype)
 
     def shift(self, x: torch.Tensor, num_particles: int, *, check_finite_values: bool = True) -> torch.Tensor:
         """The mean-shift vectors m (same shape as x, computed in float32 or float64)."""
@@ -178,9 +263,13 @@ class PatchMeanShift:
         if num_particles == 1:
             return torch.zeros(work.shape[0], dtype=work.dtype, device=work.device)
         grouped, regions = self._grouped(work, num_particles)
-        sq = [self._sq_dists(region.patches(grouped)) for region in regions]
-        inv = self._inv_two_h2(sq, num_particles)
-        total = sum((-d * inv).logsumexp(dim=-1).sum(dim=1) for d in sq)  # (B, N)
+        sq = [region.sq_dists(region.patches(grouped)) for region in regions]
+        inv = self._inv_two_h2(regions, sq, num_particles)
+        total = 0
+        for region, d in zip(regions, sq):
+            # d_ii = 0 exactly, so sum_k exp(-d_ik / 2h^2) >= 1: the log needs no max-subtraction.
+            log_z = _kernel(d, inv).sum(dim=region.k_dim).log()  # (B, N, L) or (B, L, N)
+            total = total + log_z.sum(dim=1 if region.matmul else 2)
         return total.reshape(batch * num_particles)
 
     # ------------------------------------------------------------------ internals
@@ -200,36 +289,23 @@ class PatchMeanShift:
         if x.ndim == 2:  # (B*N, D): the whole vector is one patch
             x = x.unsqueeze(-1)
             grouped = x.reshape(-1, num_particles, *x.shape[1:])
-            return grouped, [_Region((slice(None),), (x.shape[-1],))]
+            return grouped, [_Region((slice(None),), (1,), x.shape[1], num_particles)]
         grouped = x.reshape(-1, num_particles, *x.shape[1:])
         spatial = x.shape[2:]
         per_dim = [_segments(size, tile) for size, tile in zip(spatial, self._tiles(spatial))]
         regions = [
-            _Region(tuple(slice(a, b) for a, b, _ in combo), tuple(t for _, _, t in combo))
+            _Region(tuple(slice(a, b) for a, b, _ in combo), tuple(t for _, _, t in combo), x.shape[1], num_particles)
             for combo in itertools.product(*per_dim)
         ]
         return grouped, regions
 
-    @staticmethod
-    def _sq_dists(patches: torch.Tensor) -> torch.Tensor:
-        """Pairwise squared distances (B, L, N, N) from patches (B, L, N, D), without an N x N x D tensor.
-
-        Patches are first expressed relative to particle 0 of their location: this removes the common offset
-        (less cancellation in the Gram identity), and identical particles give exact zeros.
-        """
-        centred = patches - patches[:, :, :1]
-        gram = centred @ centred.transpose(-1, -2)
-        sq_norm = gram.diagonal(dim1=-2, dim2=-1)
-        # d_ii = g_ii + g_ii - 2 g_ii is exactly 0 in floating point.
-        return (sq_norm.unsqueeze(-1) + sq_norm.unsqueeze(-2) - 2.0 * gram).clamp_min_(0.0)
-
-    def _inv_two_h2(self, sq: List[torch.Tensor], num_particles: int) -> torch.Tensor:
-        """1 / (2 h^2), shaped (B, 1, 1, 1) to broadcast over (B, L, N, N)."""
+    def _inv_two_h2(self, regions: List[_Region], sq: List[torch.Tensor], num_particles: int) -> torch.Tensor:
+        """1 / (2 h^2) per item, shaped (B, 1, 1, 1) to broadcast over the pairwise maps."""
         batch = sq[0].shape[0]
         ref = sq[0]
         if self.bandwidth == "auto":
             rows, cols = torch.triu_indices(num_particles, num_particles, offset=1, device=ref.device)
-            pairs = torch.cat([d[:, :, rows, cols].reshape(batch, -1) for d in sq], dim=1)
+            pairs = torch.cat([region.pair_values(d, rows, cols) for region, d in zip(regions, sq)], dim=1)
             h = auto_bandwidth(pairs, num_particles)
         else:
             h = torch.full((batch,), float(self.bandwidth), dtype=ref.dtype, device=ref.device)
@@ -237,23 +313,32 @@ class PatchMeanShift:
         inv = (0.5 / (h * h)).nan_to_num(nan=_MAX_INV_TWO_H2).clamp(max=_MAX_INV_TWO_H2)
         return inv.reshape(batch, 1, 1, 1)
 
-    def _shift(self, x: torch.Tensor, num_particles: int) -> torch.Tensor:
+    def _shift(
+        self, x: torch.Tensor, num_particles: int, strength: Union[None, float, torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The shift m (strength None), or the steered ``x + strength * m`` (strength a float or one per item)."""
         grouped, regions = self._grouped(x, num_particles)
         patch_sets = [region.patches(grouped) for region in regions]
-        sq = [self._sq_dists(p) for p in patch_sets]
-        inv = self._inv_two_h2(sq, num_particles)
+        sq = [region.sq_dists(p) for region, p in zip(regions, patch_sets)]
+        inv = self._inv_two_h2(regions, sq, num_particles)
+        if strength is not None:
+            strength = torch.as_tensor(strength, dtype=x.dtype, device=x.device).expand(grouped.shape[0])
 
         out = torch.empty_like(grouped)
-        self_weight_sum = grouped.new_zeros(())
+        inv_z_sum = grouped.new_zeros(())
         count = 0
         for region, patches, d in zip(regions, patch_sets, sq):
-            weights = torch.softmax(-d * inv, dim=-1)  # max-subtracted: far-apart particles give no 0/0
-            centred = patches - patches[:, :, :1]
-            m = weights @ centred - centred
-            self_weight_sum = self_weight_sum + weights.diagonal(dim1=-2, dim2=-1).sum()
-            count += weights.shape[0] * weights.shape[1] * weights.shape[2]
-            region_shape = grouped[(Ellipsis, *region.slices)].shape
-            out[(Ellipsis, *region.slices)] = rearrange(m, region.from_patches, **region.grid_kwargs(region_shape))
-        self._self_weight = (self_weight_sum / count).detach()
-        shift = out.reshape(x.shape)
-        return shift
+            weights = _kernel(d, inv)
+            z = weights.sum(dim=region.k_dim, keepdim=True)  # >= 1 (w_ii = 1): no 0/0 for far-apart particles
+            # w_ii / z = 1 / z: the self-weight diagnostic comes for free.
+            inv_z_sum = inv_z_sum + z.reciprocal().sum()
+            count += z.numel()
+            shift = region.weighted_sum(weights, patches).div_(z).sub_(patches)
+            region.unpatch(shift, out, grouped, strength)
+        self._self_weight = (inv_z_sum / count).detach()
+        return out.reshape(x.shape)
+
+
+def _kernel(sq_dists: torch.Tensor, inv_two_h2: torch.Tensor) -> torch.Tensor:
+    """exp(-d / 2h^2), in place: the distances are not needed afterwards."""
+    return sq_dists.mul_(-inv_two_h2).exp_()

@@ -1,0 +1,300 @@
+"""k-diffusion integration: steer every model evaluation of any k-diffusion sampler (duck-typed).
+
+k-diffusion samplers call ``model(x, sigma, **extra_args)`` and expect the denoised x0, so KDS plugs in as a
+model wrapper: :class:`KDSDenoiser` steers each prediction with :meth:`~kds_hook.KDS.steer_x0` and the sampler
+continues from the steered x0 (Algorithm 2 for Euler/DDIM-like steps, Algorithm 5 for DPM-Solver++: every
+model evaluation, intermediate stages included, is steered). :func:`sample` runs a sampler on N particles per
+item and returns the selected particle. This module never imports k_diffusion: samplers are passed in as
+functions and models are used through their methods.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+from typing import Any, Callable, Dict, NamedTuple, Optional, Union
+
+import torch
+from torch import nn
+
+from .kds import KDS
+
+__all__ = ["KDSDenoiser", "SampleResult", "sample"]
+
+SigmaToTFrac = Callable[[torch.Tensor], Union[float, torch.Tensor]]
+
+
+class KDSDenoiser(nn.Module):
+    """A k-diffusion denoiser whose x0 predictions are steered by KDS.
+
+    ``KDSDenoiser(model, kds)(x, sigma, **extra_args)`` is
+    ``kds.steer_x0(model(x, sigma, **extra_args), ...)`` with the gate evaluated at the current noise level.
+    It is an ``nn.Module`` so that ``.to()``, ``.eval()`` and ``.half()`` reach the wrapped model; any other
+    attribute (``get_sigmas``, ``sigma_to_t``, ``sigmas``, ...) is looked up on the wrapped model.
+
+    How t/T is found, first match wins:
+        1. ``sigma_to_t_frac``: a map from sigma (a tensor) to t/T, for any model; the gate (including a
+           ``KDS(schedule=...)``) is evaluated at its value.
+        2. ``sigma_threshold``: steer with ``kds.gate.strength`` while ``sigma >= sigma_threshold``, else not
+           at all; for continuous-time models without a notion of training steps.
+        3. ``kds.sigma_to_t_frac``, when the KDS was built with one.
+        4. A discrete schedule (k-diffusion's ``DiscreteSchedule`` wrappers: ``CompVisDenoiser``,
+           ``DiscreteEpsDDPMDenoiser``, ``OpenAIDenoiser``, ``DiscreteVDDPMDenoiser``, ``CompVisVDenoiser``) on
+           ``model`` or down its ``inner_model`` chain (so ``KDSDenoiser(CFGDenoiser(CompVisDenoiser(...)))``
+           works): ``t/T = sigma_to_t(sigma) / len(sigmas)``, exactly the timestep the network sees divided
+           by the number of training steps.
+        Without any of these, construction raises ``ValueError``: there is no silent default.
+
+    Args:
+        model: a k-diffusion denoiser ``model(x, sigma, **extra_args) -> x0``, batch (B*N, ...).
+        kds: the :class:`~kds_hook.KDS` configuration (particle count, bandwidth, gate).
+        sigma_to_t_frac: optional map sigma -> t/T (see above).
+        sigma_threshold: optional noise level at and above which steering is on (see above).
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., torch.Tensor],
+        kds: KDS,
+        *,
+        sigma_to_t_frac: Optional[SigmaToTFrac] = None,
+        sigma_threshold: Optional[float] = None,
+    ):
+        super().__init__()
+        if not isinstance(kds, KDS):
+            raise TypeError(f"kds must be a kds_hook.KDS, got {type(kds).__name__}")
+        if not callable(model):
+            raise TypeError(f"model must be a denoiser model(x, sigma, **extra_args), got {type(model).__name__}")
+        if sigma_to_t_frac is not None and sigma_threshold is not None:
+            raise ValueError("give either sigma_to_t_frac or sigma_threshold, not both: each decides the gate alone")
+        if sigma_to_t_frac is not None and not callable(sigma_to_t_frac):
+            raise TypeError("sigma_to_t_frac must be a callable sigma -> t/T")
+        if sigma_threshold is not None:
+            sigma_threshold = _check_sigma_threshold(sigma_threshold)
+            if kds.gate.schedule is not None:
+                raise ValueError(
+                    "sigma_threshold gates with kds.gate.strength and cannot evaluate a KDS(schedule=...), which is "
+                    "a function of t/T; give sigma_to_t_frac instead"
+                )
+        self.inner_model = model
+        self.kds = kds
+        self.sigma_threshold = sigma_threshold
+        if sigma_threshold is None and sigma_to_t_frac is None:
+            sigma_to_t_frac = kds.sigma_to_t_frac if kds.sigma_to_t_frac is not None else _discrete_t_frac(model)
+        self.sigma_to_t_frac = sigma_to_t_frac
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("inner_model", "kds") or name.startswith("__"):  # not set up yet (copy, unpickling)
+                raise
+            return getattr(self.inner_model, name)
+
+    def extra_repr(self) -> str:
+        gate = f"sigma_threshold={self.sigma_threshold}" if self.sigma_threshold is not None else "t/T gate"
+        return f"{self.kds!r}, {gate}"
+
+    def forward(self, x: torch.Tensor, sigma: torch.Tensor, **extra_args: Any) -> torch.Tensor:
+        """The wrapped model's x0 prediction for (B*N, ...) particles, steered at noise level ``sigma``."""
+        denoised = self.inner_model(x, sigma, **extra_args)
+        if self.sigma_threshold is not None:
+            return self.kds.steer_x0(denoised, strength=self._threshold_strength(sigma))
+        return self.kds.steer_x0(denoised, t_frac=self.sigma_to_t_frac(torch.as_tensor(sigma, device=x.device)))
+
+    def _threshold_strength(self, sigma: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
+        """kds.gate.strength where sigma >= sigma_threshold, else 0: a float, or one value per item."""
+        values = torch.as_tensor(sigma).detach().reshape(-1).to("cpu", torch.float64)
+        is_open = values >= self.sigma_threshold
+        on = self.kds.gate.strength
+        if bool((is_open == is_open[0]).all()):  # the usual case: every row at the same sigma
+            return on if bool(is_open[0]) else 0.0
+        if values.numel() % self.kds.num_particles:
+            raise ValueError(f"sigma has {values.numel()} values; give one per row or one in all")
+        per_item = is_open.reshape(-1, self.kds.num_particles)
+        if not bool((per_item == per_item[:, :1]).all()):
+            raise ValueError("the N particles of one item must be at the same noise level sigma")
+        return per_item[:, 0].to(torch.float64) * on
+
+
+class _DiscreteTFrac:
+    """sigma -> t/T through a discrete schedule's own ``sigma_to_t`` and its number of training steps."""
+
+    def __init__(self, schedule: Any):
+        self.schedule = schedule
+
+    def __call__(self, sigma: torch.Tensor) -> torch.Tensor:
+        sigmas = self.schedule.sigmas
+        return self.schedule.sigma_to_t(sigma.to(sigmas.device)) / len(sigmas)
+
+    def __repr__(self) -> str:
+        return f"{type(self.schedule).__name__}.sigma_to_t(sigma) / {len(self.schedule.sigmas)}"
+
+
+def _discrete_t_frac(model: Any) -> _DiscreteTFrac:
+    """t/T through the first object with ``sigma_to_t`` and a 1-D ``sigmas`` tensor along ``inner_model`` links."""
+    seen, current = set(), model
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        seen.add(id(current))
+        sigmas = getattr(current, "sigmas", None)
+        if callable(getattr(current, "sigma_to_t", None)) and isinstance(sigmas, torch.Tensor) and sigmas.ndim == 1:
+            return _DiscreteTFrac(current)
+        current = getattr(current, "inner_model", None)
+    raise ValueError(
+        f"cannot find t/T for {type(model).__name__}: it is not a k-diffusion discrete-schedule model (no "
+        "sigma_to_t and sigmas on it or its inner_model chain). For a continuous-time model pass "
+        "sigma_threshold=... (steer while sigma >= it) or sigma_to_t_frac=... (a map sigma -> t/T)"
+    )
+
+
+def _check_sigma_threshold(value: object) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"sigma_threshold must be a number (a noise level sigma), got {type(value).__name__}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"sigma_threshold must be a non-negative noise level, got {value}")
+    return float(value)
+
+
+class SampleResult(NamedTuple):
+    """What :func:`sample` returns with ``return_all=True``.
+
+    ``sample``: the selected particle per item (B, ...); ``index``: its particle index in 0..N-1 (B,);
+    ``particles``: every particle's final state (B*N, ...); ``info``: the sampler's extra return value
+    (``sample_dpm_adaptive(..., return_info=True)``), else None.
+    """
+
+    sample: torch.Tensor
+    index: torch.Tensor
+    particles: torch.Tensor
+    info: Optional[Dict[str, Any]]
+
+
+def sample(
+    sampler: Callable[..., Any],
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: Optional[torch.Tensor],
+    kds: KDS,
+    extra_args: Optional[Dict[str, Any]] = None,
+    *,
+    return_all: bool = False,
+    **sampler_kwargs: Any,
+) -> Union[torch.Tensor, tuple, SampleResult]:
+    """Runs a k-diffusion sampler on N particles per item with KDS and returns one sample per item.
+
+    Args:
+        sampler: a k-diffusion sampling function such as ``k_diffusion.sampling.sample_dpmpp_2m`` (names are
+            not accepted: kds_hook does not import k_diffusion).
+        model: a k-diffusion denoiser; wrapped in :class:`KDSDenoiser` unless it already is one (build the
+            wrapper yourself to pass ``sigma_threshold`` or ``sigma_to_t_frac`` for a continuous-time model).
+        x: the initial noise of every particle, shape (B*N, ...), already scaled as the sampler expects
+            (``torch.randn(B * N, ...) * sigmas[0]``); rows ``b*N ... b*N+N-1`` are item b's N particles.
+            The particles need different noise: from identical noise a deterministic sampler would keep them
+            identical and KDS would have nothing to steer. Passing the same ``x`` to the plain sampler gives
+            the paired baseline.
+        sigmas: the noise levels, for samplers that take ``sigmas``. For ``sample_dpm_fast`` and
+            ``sample_dpm_adaptive``, which take ``sigma_min``/``sigma_max`` (and ``n``) instead, whatever of
+            those is missing from ``sampler_kwargs`` is derived from ``sigmas``: ``sigma_min`` = the smallest
+            positive sigma, ``sigma_max`` = the largest, ``n`` (model evaluations) = ``len(sigmas) - 1``.
+            Pass ``sigmas=None`` to give them all explicitly.
+        kds: the KDS configuration; ``kds.num_particles`` is N.
+        extra_args: the model's keyword arguments. Tensors (also inside dicts, lists and tuples) whose first
+            dim is B are repeated to B*N with ``repeat_interleave`` (particles contiguous); tensors already of
+            batch B*N and 0-d tensors pass unchanged; any other batch raises ``ValueError``.
+        return_all: return a :class:`SampleResult` with every particle and the selection index.
+        sampler_kwargs: passed on to the sampler (``disable=True``, ``eta``, ``callback``, ``return_info``...).
+
+    Returns:
+        The selected particle per item, (B, ...), chosen by ``kds.select`` (``kds.selection``; the paper's
+        rule is ``"mean"``). When the sampler returns ``(x, info)`` (``return_info=True``), ``(sample, info)``.
+        With ``return_all=True``, a :class:`SampleResult`.
+
+    Particles of different items never interact through KDS; note that ``sample_dpm_adaptive`` picks its step
+    sizes from an error norm over the whole batch, so there the items share step sizes.
+    """
+    if isinstance(sampler, str):
+        raise TypeError(
+            f"sampler must be a function such as k_diffusion.sampling.{sampler}, not the name {sampler!r}: "
+            "kds_hook does not import k_diffusion"
+        )
+    if not callable(sampler):
+        raise TypeError(f"sampler must be a k-diffusion sampling function, got {type(sampler).__name__}")
+    if not isinstance(kds, KDS):
+        raise TypeError(f"kds must be a kds_hook.KDS, got {type(kds).__name__}")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor of initial noise, got {type(x).__name__}")
+    num_particles = kds.num_particles
+    if x.ndim < 2 or x.shape[0] % num_particles:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)}: its batch must hold N={num_particles} contiguous particles per item, "
+            f"(B*N, ...); draw it as torch.randn(B * {num_particles}, ...) * sigmas[0]"
+        )
+    items = x.shape[0] // num_particles
+
+    if isinstance(model, KDSDenoiser):
+        if model.kds is not kds:
+            raise ValueError("model is a KDSDenoiser built with a different KDS than the kds passed to sample()")
+        denoiser = model
+    else:
+        denoiser = KDSDenoiser(model, kds)
+
+    kwargs = dict(sampler_kwargs)
+    kwargs["extra_args"] = _expand_batch(extra_args or {}, items, num_particles, "extra_args")
+    out = sampler(denoiser, x, *_schedule_args(sampler, sigmas, kwargs), **kwargs)
+    particles, info = (out[0], out[1]) if isinstance(out, tuple) else (out, None)
+
+    chosen = kds.select(particles)
+    if return_all:
+        return SampleResult(chosen.sample, chosen.index, particles, info)
+    return (chosen.sample, info) if isinstance(out, tuple) else chosen.sample
+
+
+def _schedule_args(sampler: Callable[..., Any], sigmas: Optional[torch.Tensor], kwargs: Dict[str, Any]) -> tuple:
+    """The sampler's positional noise-schedule arguments; fills sigma_min/sigma_max/n into kwargs as needed."""
+    params = inspect.signature(sampler).parameters
+    if "sigmas" in params:
+        if sigmas is None:
+            raise ValueError(f"{getattr(sampler, '__name__', 'this sampler')} needs sigmas")
+        return (sigmas,)
+    if "sigma_min" not in params or "sigma_max" not in params:
+        raise TypeError(
+            f"{getattr(sampler, '__name__', sampler)!r} takes neither sigmas nor sigma_min/sigma_max: not a "
+            "k-diffusion sampler"
+        )
+    needed = [name for name in ("sigma_min", "sigma_max", "n") if name in params and name not in kwargs]
+    if needed and sigmas is None:
+        raise ValueError(
+            f"{sampler.__name__} needs {', '.join(needed)}: pass them as keyword arguments, or pass sigmas to "
+            "derive them from"
+        )
+    if needed:
+        sigmas = torch.as_tensor(sigmas).detach()
+        derived = {
+            "sigma_min": float(sigmas[sigmas > 0].min()),
+            "sigma_max": float(sigmas.max()),
+            "n": len(sigmas) - 1,
+        }
+        kwargs.update({name: derived[name] for name in needed})
+    return ()
+
+
+def _expand_batch(value: Any, items: int, num_particles: int, where: str) -> Any:
+    """Repeats batch-B tensors (nested in dicts, lists, tuples) to B*N rows; B*N and 0-d tensors pass."""
+    if isinstance(value, torch.Tensor):
+        if value.ndim == 0 or value.shape[0] == items * num_particles:
+            return value
+        if value.shape[0] == items:
+            return value.repeat_interleave(num_particles, dim=0)
+        raise ValueError(
+            f"{where} has batch size {value.shape[0]}; expected B={items} (one per item) or "
+            f"B*N={items * num_particles} (one per particle)"
+        )
+    if isinstance(value, dict):
+        return {key: _expand_batch(v, items, num_particles, f"{where}[{key!r}]") for key, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        expanded = [_expand_batch(v, items, num_particles, f"{where}[{i}]") for i, v in enumerate(value)]
+        return type(value)(expanded) if not hasattr(value, "_fields") else type(value)(*expanded)
+    return value

@@ -1,0 +1,132 @@
+"""The demo's sampler, its paired experiments, and a quick run of `kds-hook demo` through the real CLI."""
+
+import os
+
+import pytest
+import torch
+
+from kds_hook import KDS
+from kds_hook.analytic import three_gaussians
+from kds_hook.cli import main
+from kds_hook.demo import OUTPUT_FILES
+from kds_hook.demo.report import mean_se
+from kds_hook.demo.restoration import run_restoration
+from kds_hook.demo.sampler import ddim_sample, ddim_timesteps, ddpm_alphas_cumprod, x0_predictor_from_denoiser
+from kds_hook.demo.toy import run_toy, toy_metrics
+
+N = 8
+
+
+def toy_setup(items=3, seed=0):
+    mixture = three_gaussians()
+    predict = x0_predictor_from_denoiser(mixture, ddpm_alphas_cumprod())
+    noise = torch.randn(items * N, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    return mixture, predict, noise
+
+
+@pytest.mark.parametrize(
+    "kds",
+    [KDS(num_particles=N, strength=0.0), KDS(num_particles=1), KDS(num_particles=N, threshold=1.01)],
+    ids=["strength-0", "one-particle", "gate-never-open"],
+)
+def test_kds_that_does_nothing_is_bit_identical_to_plain_ddim(kds):
+    _, predict, noise = toy_setup()
+    plain = ddim_sample(predict, noise, num_steps=20)
+    assert torch.equal(ddim_sample(predict, noise, num_steps=20, kds=kds), plain)
+
+
+def test_sampler_matches_diffusers_ddim_step_for_step():
+    """Our DDIM loop is diffusers' DDIMScheduler (eta=0, linear betas, leading spacing, alpha_T0 = 1)."""
+    from diffusers import DDIMScheduler
+
+    mixture, predict, noise = toy_setup()
+    alphas = ddpm_alphas_cumprod()
+    sched = DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="linear", clip_sample=False, set_alpha_to_one=True,
+        timestep_spacing="leading", steps_offset=0,
+    )
+    sched.set_timesteps(25)
+    assert [int(t) for t in sched.timesteps] == ddim_timesteps(25)
+    z = noise.clone()
+    for t in sched.timesteps:
+        a = alphas[int(t)]
+        eps = (z - a.sqrt() * predict(z, int(t))) / (1 - a).sqrt()
+        out = sched.step(eps, t, z, eta=0.0)
+        z = out.prev_sample
+    # diffusers keeps its schedule in float32: agreement to float32 precision.
+    torch.testing.assert_close(ddim_sample(predict, noise, num_steps=25), out.pred_original_sample, rtol=0, atol=2e-4)
+
+
+def test_steering_uses_the_paper_gate_with_t_over_T():
+    _, predict, noise = toy_setup()
+    kds = KDS(num_particles=N, record=True)
+    ddim_sample(predict, noise, num_steps=10, kds=kds)
+    assert [r.t_frac for r in kds.history] == [t / 1000 for t in ddim_timesteps(10)]
+    assert [r.strength for r in kds.history] == [0.3 if t >= 300 else 0.0 for t in ddim_timesteps(10)]
+
+
+def test_kds_concentrates_the_toy_samples_paired_over_seeds():
+    """Figure 2: from the same noise, KDS lowers the distance to the nearest mode, also with the paper's gate."""
+    result = run_toy(
+        {"gated": {"bandwidth": 0.3}, "no gate": {"bandwidth": 0.3, "threshold": 0.0}},
+        num_seeds=12, num_particles=20, num_steps=20,
+    )
+    plain = result.metrics["plain"]["distance"]
+    for name in ("gated", "no gate"):
+        mean, se = mean_se(result.metrics[name]["distance"] - plain)
+        assert mean < -3 * se, (name, mean, se)
+    assert result.metrics["no gate"]["distance"].mean() < result.metrics["gated"]["distance"].mean()
+
+
+def test_toy_metrics_on_known_points():
+    mixture = three_gaussians()
+    # Two items of 2 particles: one exactly at modes 0 and 1, one at mode 0 and one between modes.
+    x = torch.tensor([[-2.0, 0.0], [2.0, 0.0], [-2.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    m = toy_metrics(x, mixture, 2)
+    torch.testing.assert_close(m["distance"], torch.tensor([0.0, 1.0], dtype=torch.float64))
+    # (0, 0) is 2 from its nearest mode, beyond 3 std = 1.5: half of item 1 lies between modes.
+    torch.testing.assert_close(m["between"], torch.tensor([0.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(m["occupancy_tv"][0], torch.tensor(0.5 * (0.0 + 0.2 + 0.2), dtype=torch.float64))
+
+
+def test_kds_without_gate_improves_every_particle_on_the_exact_posterior_problem():
+    result = run_restoration(
+        {"no gate": {"bandwidth": 0.3, "threshold": 0.0}}, num_images=8, size=8, num_particles=8, num_steps=20
+    )
+    plain, kds = result.metrics["plain"], result.metrics["no gate"]
+    for key in ("psnr_random", "psnr_worst", "log_density"):
+        mean, se = mean_se(kds[key] - plain[key])
+        assert mean > 3 * se, (key, mean, se)
+    # The MMSE limit is the posterior mean: no sampler output beats it on average.
+    assert result.references["posterior mean (MMSE)"]["psnr"].mean() > kds["psnr_average"].mean()
+
+
+def test_quick_demo_through_the_cli(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    for name in OUTPUT_FILES:
+        assert (out / name).stat().st_size > 0, name
+    with open(out / "figure2.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    restoration = (out / "restoration.md").read_text()
+    for row in ("| plain |", "| KDS h=0.3 |", "| KDS auto |", "*posterior mean (MMSE)*", "*posterior mode*", "KDS h=0.3 - plain"):
+        assert row in restoration, row
+    assert "| KDS h=0.3 - plain |" in (out / "figure2.md").read_text()
+    printed = capsys.readouterr().out
+    assert "part 2 (restoration" in printed and "| plain |" in printed  # progress and tables on stdout
+    # Its own outputs are replaced on a second run.
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+
+
+def test_demo_refuses_to_overwrite_files_it_did_not_write(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "README.md").write_text("my notes")
+    with pytest.raises(SystemExit, match="README.md"):
+        main(["demo", "--out", str(out), "--quick"])
+    assert (out / "README.md").read_text() == "my notes"
+    assert sorted(os.listdir(out)) == ["README.md"]
+    file_path = tmp_path / "a-file"
+    file_path.write_text("x")
+    with pytest.raises(SystemExit, match="not a directory"):
+        main(["demo", "--out", str(file_path), "--quick"])
