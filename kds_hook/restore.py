@@ -412,6 +412,9 @@ def _run(pipe, kds, args: argparse.Namespace, device: str, **call_kwargs):
     # A CPU generator draws the same noise on every device; each image starts from the same seed, so its result
     # does not depend on the other inputs.
     generator = torch.Generator("cpu").manual_seed(args.seed)
+    # LDMSuperResolutionPipeline passes eta but not the generator to DDIM's step: with --eta > 0 its noise comes
+    # from the global RNG, which must be seeded too for --no-kds and KDS runs to stay paired.
+    torch.manual_seed(args.seed)
     try:
         return run(
             pipe, kds, max_batch_size=args.max_batch_size, return_particles=args.save_particles,
