@@ -50,8 +50,12 @@ def auto_bandwidth(sq_dists: torch.Tensor, num_particles: int) -> torch.Tensor:
     weight of a pair at the median distance ``exp(-log N) = 1/N``: a typical neighbour counts as much as the
     particle itself counts against all N of them. It grows with the patch dimension and the data scale, so the
     same setting means the same thing for any latent and patch size.
+
+    Exact zeros (locations where particles coincide) are left out of the median, so a region that every particle
+    reproduces exactly cannot switch steering off where they differ; with no positive distance h is 0.
     """
-    median = sq_dists.median(dim=1).values
+    positive = sq_dists.masked_fill(sq_dists <= 0, float("nan"))
+    median = positive.nanmedian(dim=1).values.nan_to_num(0.0)  # torch's lower median, as median()
     return torch.sqrt(median / (2.0 * math.log(num_particles)))
 
 

@@ -52,8 +52,9 @@ def _literal_auto_bandwidth(x: torch.Tensor, n: int, patch) -> torch.Tensor:
         for where in _locations(x, patch):
             patches = [x[item * n + k][where].reshape(-1) for k in range(n)]
             sq += [float((patches[i] - patches[k]).square().sum()) for i in range(n) for k in range(i + 1, n)]
-        sq.sort()
-        hs.append(math.sqrt(sq[(len(sq) - 1) // 2] / (2 * math.log(n))))  # torch.median: the lower median
+        sq = sorted(v for v in sq if v > 0)  # exact zeros (coinciding particles) are left out
+        median = sq[(len(sq) - 1) // 2] if sq else 0.0  # torch's lower median
+        hs.append(math.sqrt(median / (2 * math.log(n))))
     return torch.tensor(hs, dtype=torch.float64)
 
 
@@ -85,6 +86,20 @@ def test_patch_larger_than_the_latent_is_one_patch():
     x = torch.randn(6, 2, 3, 5, dtype=torch.float64)
     whole = PatchMeanShift(2, 4.0)(x.reshape(6, 30), 3, 0.5)  # (B*N, D) input: the whole vector is one patch
     torch.testing.assert_close(PatchMeanShift(8, 4.0)(x, 3, 0.5), whole.reshape(x.shape))
+
+
+def test_auto_bandwidth_ignores_locations_where_particles_coincide():
+    # Three quarters of the locations are identical in every particle: a median over all pairs would be 0 and
+    # switch steering off everywhere; the rule takes the median over the positive distances instead.
+    x = torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    x[:, :, :3] = x[0, :, :3]
+    op = PatchMeanShift(1, "auto")
+    out = op(x, 4, 0.5)
+    torch.testing.assert_close(op.last_bandwidth, _literal_auto_bandwidth(x, 4, 1), rtol=1e-12, atol=0)
+    assert float(op.last_bandwidth) > 0
+    assert torch.equal(out[:, :, :3], x[:, :, :3])  # coinciding particles stay put
+    assert not torch.equal(out[:, :, 3], x[:, :, 3])  # the others are steered
+    assert torch.equal(PatchMeanShift(1, "auto")(x[:1].expand(4, 3, 4, 4), 4, 0.5), x[:1].expand(4, 3, 4, 4))
 
 
 def test_auto_bandwidth_function():
