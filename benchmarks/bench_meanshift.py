@@ -31,6 +31,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 import kds_hook.meanshift as meanshift_module  # noqa: E402
+from kds_hook._checks import check_finite  # noqa: E402
 from kds_hook import PatchMeanShift  # noqa: E402
 
 BANDWIDTH = 1.0
@@ -211,6 +212,13 @@ def main() -> None:
                     f"{times['naive'] / times['ours']:.1f}x {mem}",
                     flush=True,
                 )
+    print()
+    print("| NaN/Inf check (check_finite, on by default, left out above), N=10 | ms |")
+    print("|---|---|")
+    for label, shape in LATENTS.items():
+        x = make_input(shape, 10)
+        cost = median_times({"check": lambda x=x: check_finite(x)}, budget, 15)["check"]
+        print(f"| {label} | {cost * 1e3:.2f} |", flush=True)
     print()
     print("| literal loop case | loop ms | ours ms | speed-up |")
     print("|---|---|---|---|")
