@@ -18,7 +18,7 @@ from typing import Any, Callable, Dict, NamedTuple, Optional, Union
 import torch
 from torch import nn
 
-from .kds import KDS
+from .kds import KDS, per_item_values
 
 __all__ = ["KDSDenoiser", "SampleResult", "sample"]
 
@@ -105,17 +105,12 @@ class KDSDenoiser(nn.Module):
 
     def _threshold_strength(self, sigma: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
         """kds.gate.strength where sigma >= sigma_threshold, else 0: a float, or one value per item."""
-        values = torch.as_tensor(sigma).detach().reshape(-1).to("cpu", torch.float64)
-        is_open = values >= self.sigma_threshold
+        rows = sigma.numel() if isinstance(sigma, torch.Tensor) else 1
+        level = per_item_values(sigma, rows, self.kds.num_particles, "noise level sigma")
         on = self.kds.gate.strength
-        if bool((is_open == is_open[0]).all()):  # the usual case: every row at the same sigma
-            return on if bool(is_open[0]) else 0.0
-        if values.numel() % self.kds.num_particles:
-            raise ValueError(f"sigma has {values.numel()} values; give one per row or one in all")
-        per_item = is_open.reshape(-1, self.kds.num_particles)
-        if not bool((per_item == per_item[:, :1]).all()):
-            raise ValueError("the N particles of one item must be at the same noise level sigma")
-        return per_item[:, 0].to(torch.float64) * on
+        if isinstance(level, torch.Tensor):
+            return (level >= self.sigma_threshold).to(torch.float64) * on
+        return on if level >= self.sigma_threshold else 0.0
 
 
 class _DiscreteTFrac:

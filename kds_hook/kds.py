@@ -180,22 +180,27 @@ class KDS:
         self.history.clear()
 
     def _strength_per_item(self, t_frac, denoised: torch.Tensor):
-        """delta as a float when all rows share one t/T, else one value per item."""
-        if isinstance(t_frac, torch.Tensor) and t_frac.numel() > 1:
-            values = t_frac.detach().reshape(-1).to("cpu", torch.float64)
-            if bool((values == values[0]).all()):
-                return self.gate(float(values[0])), float(values[0])
-            if values.numel() != denoised.shape[0] or values.numel() % self.num_particles:
-                raise ValueError(
-                    f"t/T has {values.numel()} values for a batch of {denoised.shape[0]}; give one per row or one in all"
-                )
-            per_item = values.reshape(-1, self.num_particles)
-            if not bool((per_item == per_item[:, :1]).all()):
-                raise ValueError("the N particles of one item must be at the same diffusion time")
-            strength = self.gate(per_item[:, 0])
-            return strength, float(per_item[:, 0].mean())
-        t_value = float(t_frac)
-        return self.gate(t_value), t_value
+        """delta as a float when all rows share one t/T, else one value per item; and the mean t/T."""
+        t = per_item_values(t_frac, denoised.shape[0], self.num_particles, "diffusion time t/T")
+        return self.gate(t), float(t.mean()) if isinstance(t, torch.Tensor) else t
+
+
+def per_item_values(
+    values: Union[float, torch.Tensor], rows: int, num_particles: int, what: str
+) -> Union[float, torch.Tensor]:
+    """A per-row quantity of a (B*N)-row batch (a diffusion time, a noise level) as one float when every row
+    shares it, else as one float64 CPU value per item (B,). The N particles of an item must share theirs."""
+    if not isinstance(values, torch.Tensor) or values.numel() == 1:
+        return float(values)
+    flat = values.detach().reshape(-1).to("cpu", torch.float64)
+    if bool((flat == flat[0]).all()):
+        return float(flat[0])
+    if flat.numel() != rows or rows % num_particles:
+        raise ValueError(f"{what} has {flat.numel()} values for a batch of {rows}; give one per row or one in all")
+    per_item = flat.reshape(-1, num_particles)
+    if not bool((per_item == per_item[:, :1]).all()):
+        raise ValueError(f"the N particles of one item must be at the same {what}")
+    return per_item[:, 0]
 
 
 def _is_zero(strength) -> bool:
