@@ -11,6 +11,8 @@ import sys
 from typing import Optional, Sequence
 
 from . import __version__
+from .demo import register as register_demo
+from .restore import register as register_restore
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -18,20 +20,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"kds-hook {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    for register in _registrars():
+    for register in (register_demo, register_restore):
         register(commands)
     return parser
-
-
-def _registrars():
-    from .demo import register as register_demo
-
-    found = [register_demo]
-    try:
-        from .restore import register as register_restore
-    except ImportError:  # the restore commands are optional until their module exists
-        return found
-    return found + [register_restore]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
