@@ -37,7 +37,9 @@ def check_strength(strength: object, name: str = "strength") -> Union[float, tor
     """A float in [0, 1], or a 1-D tensor of such values (one per item)."""
     if isinstance(strength, torch.Tensor):
         if strength.ndim > 1:
-            raise ValueError(f"{name} as a tensor must be 0-D or 1-D (one value per item), got shape {tuple(strength.shape)}")
+            raise ValueError(
+                f"{name} as a tensor must be 0-D or 1-D (one value per item), got shape {tuple(strength.shape)}"
+            )
         if torch.isnan(strength).any() or (strength < 0).any() or (strength > 1).any():
             raise ValueError(f"{name} must lie in [0, 1], got {strength.tolist()}")
         return strength
@@ -74,6 +76,8 @@ def check_particle_batch(x: torch.Tensor, num_particles: int) -> int:
         raise ValueError(
             f"x must have shape (B*N, C, *spatial) with 0 to 3 spatial dims, or (B*N, D); got shape {tuple(x.shape)}"
         )
+    if x.numel() == 0:
+        raise ValueError(f"x is empty (shape {tuple(x.shape)}): there is nothing to steer or select")
     if x.shape[0] % num_particles:
         raise ValueError(
             f"batch size {x.shape[0]} is not divisible by num_particles={num_particles}: the batch must hold "
@@ -88,4 +92,14 @@ def check_finite(x: torch.Tensor, name: str = "x0") -> None:
         raise ValueError(
             f"{name} contains NaN or Inf values; KDS cannot steer a non-finite prediction "
             "(check the model's dtype and inputs)"
+        )
+
+
+def check_no_autograd(x: torch.Tensor, name: str = "x0") -> None:
+    """The mean shift works in place on its own buffers and is not differentiable: say so up front instead of
+    failing inside autograd with an unrelated message."""
+    if x.requires_grad and torch.is_grad_enabled():
+        raise ValueError(
+            f"{name} requires grad, but KDS steering is not differentiable; run the sampler under "
+            f"torch.no_grad() (as diffusers pipelines do) or steer {name}.detach()"
         )

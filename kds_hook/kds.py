@@ -6,7 +6,14 @@ from typing import Callable, List, NamedTuple, Optional, Sequence, Union
 
 import torch
 
-from ._checks import BandwidthLike, check_num_particles, check_particle_batch, check_strength
+from ._checks import (
+    BandwidthLike,
+    check_bandwidth,
+    check_no_autograd,
+    check_num_particles,
+    check_particle_batch,
+    check_strength,
+)
 from .gate import Schedule, TimeGate
 from .meanshift import PatchMeanShift
 from .selection import SELECTION_METHODS, Selection, select_particles
@@ -31,14 +38,18 @@ class KDS:
     Args:
         num_particles: N, the particles sampled together per item (the paper uses 10).
         patch_size: tile side of the patch-wise mean shift (the paper uses 1: each latent pixel's channel vector).
-        bandwidth: kernel standard deviation h in x0 units, or ``"auto"`` (median heuristic per item and step).
+        bandwidth: kernel standard deviation h in x0 units, ``w_ik = exp(-||p_i - p_k||^2 / (2 h^2))`` (the
+            paper's h; minKDS's ``band_width`` b is h = b**2, see :meth:`from_minkds`), or ``"auto"`` (median
+            heuristic per item and step, :func:`~kds_hook.auto_bandwidth`). A fixed h must grow like
+            sqrt(patch dimension) and with the latent's scale; "auto" does both by itself.
         strength: delta while the gate is open (the paper's 0.3).
         threshold: the gate is open while t/T >= threshold (the paper's 0.3).
         schedule: optional callable t/T -> delta in [0, 1]; replaces strength/threshold.
         sigma_to_t_frac: map from the sampler's sigma to t/T. Integrations pass t/T themselves; give this only
             when calling :meth:`steer_x0` by hand with sigmas.
         selection: default method of :meth:`select` (``"mean"``, ``"density"`` or ``"medoid"``).
-        record: keep a :class:`StepRecord` per steered call in :attr:`history` (costs one device sync per call).
+        record: append a :class:`StepRecord` to :attr:`history` at every :meth:`steer_x0` call, steered or not
+            (costs a device sync or two per steered call).
         check_finite: raise on NaN/Inf in x0 (one reduction per call).
     """
 
@@ -81,21 +92,30 @@ class KDS:
     ) -> "KDS":
         """Builds a KDS from minKDS's parameter names, with minKDS's defaults.
 
-        minKDS evaluates ``exp(-(||p_i - p_k|| / band_width**2)**2 / 2)``: its band_width acts squared, so it is
-        converted to ``bandwidth = band_width**2`` here (minKDS's b=1.0 -> h=1.0, b=0.3 -> h=0.09).
-        ``gamma_0`` is the strength and ``use_KDE=False`` means strength 0. minKDS opens its gate for
+        minKDS takes the Euclidean distance of two patches, divides it by ``band_width**2`` and applies
+        ``exp(-u**2 / 2)``, i.e. ``exp(-||p_i - p_k||**2 / (2 band_width**4))``: a Gaussian whose standard
+        deviation is ``band_width**2``. Its band_width acts squared, so it is converted to
+        ``bandwidth = band_width**2`` here (minKDS's b=1.0 -> h=1.0, b=0.3 -> h=0.09), which reproduces its
+        kernel exactly. ``gamma_0`` is the strength and ``use_KDE=False`` means strength 0 (plain sampling;
+        a ``schedule`` is then refused, as it would switch steering back on). minKDS opens its gate for
         t/T > 0.3; ours for t/T >= 0.3, which differs only at t/T exactly 0.3. Unlike minKDS, particles of
         different images never mix, and selection averages over the particles, not over pixels.
+        Every other keyword (``threshold``, ``selection``, ``record``, ...) goes to :class:`KDS`.
         """
-        from ._checks import check_bandwidth
-
         band_width = check_bandwidth(band_width)
         if band_width == "auto":
             raise ValueError('minKDS has no "auto" band_width; use KDS(bandwidth="auto") directly')
+        bandwidth = band_width**2
+        if bandwidth == 0.0:
+            raise ValueError(f"band_width={band_width} is too small: its square (our bandwidth h) underflows to 0")
+        if not use_KDE and kwargs.get("schedule") is not None:
+            raise ValueError(
+                "use_KDE=False switches steering off, but a schedule would switch it back on; pass one or the other"
+            )
         return cls(
             num_particles=num_particles,
             patch_size=patch_size,
-            bandwidth=band_width**2,
+            bandwidth=bandwidth,
             strength=gamma_0 if use_KDE else 0.0,
             **kwargs,
         )
@@ -131,7 +151,8 @@ class KDS:
         The time t/T comes from ``t_frac`` when given, else from ``sigma_to_t_frac(sigma)``; without either this
         raises rather than guessing. ``strength`` overrides the gate (for integrations whose gate is not a
         function of t/T, such as a sigma threshold); t/T is then optional. Wherever delta = 0, ``denoised``
-        itself is returned untouched, so the sampler's own code path runs bit for bit.
+        itself is returned untouched, so the sampler's own code path runs bit for bit. Steering is not
+        differentiable: a ``denoised`` that requires grad, with grad enabled, is refused with a ``ValueError``.
         """
         check_particle_batch(denoised, self.num_particles)  # also when the gate is closed: wrong batches fail early
         if strength is not None:
@@ -155,6 +176,7 @@ class KDS:
             if self.record:
                 self.history.append(StepRecord(t_value, 0.0, None, None))
             return denoised
+        check_no_autograd(denoised)
         steered = self.meanshift(
             denoised, self.num_particles, strength, check_finite_values=self.check_finite
         )

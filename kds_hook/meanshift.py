@@ -28,6 +28,7 @@ from ._checks import (
     BandwidthLike,
     check_bandwidth,
     check_finite,
+    check_no_autograd,
     check_num_particles,
     check_particle_batch,
     check_patch_size,
@@ -151,7 +152,13 @@ class _Region:
             gram = patches @ patches.transpose(-1, -2)  # (B, L, N, N)
             sq_norm = gram.diagonal(dim1=-2, dim2=-1)
             # d_ii = g_ii + g_ii - 2 g_ii is exactly 0 in floating point.
-            return (sq_norm.unsqueeze(-1) + sq_norm.unsqueeze(-2) - 2.0 * gram).clamp_min_(0.0)
+            d = (sq_norm.unsqueeze(-1) + sq_norm.unsqueeze(-2) - 2.0 * gram).clamp_min_(0.0)
+            # Where the Gram products overflow (|x0| near the float's square root of its max) inf - inf gives
+            # NaN: such pairs are too far apart to weigh anything, and the diagonal is 0 by definition. Both
+            # fixes run on the small N x N maps and need no device sync.
+            d.nan_to_num_(nan=math.inf)
+            d.diagonal(dim1=-2, dim2=-1).zero_()
+            return d
         batch, n, _, locations = patches.shape
         d = patches.new_zeros(batch, n, n, locations)
         for k in range(n - 1):  # each pair once: d is symmetric
@@ -228,7 +235,9 @@ class PatchMeanShift:
         strength = check_strength(strength)
         check_particle_batch(x, num_particles)
         if num_particles == 1 or (isinstance(strength, float) and strength == 0.0):
+            self._self_weight = self.last_bandwidth = None  # nothing was steered: no stale diagnostics
             return x
+        check_no_autograd(x, "x")
         if check_finite_values:
             check_finite(x)
         work = x if x.dtype == torch.float64 else x.float()
@@ -243,15 +252,17 @@ class PatchMeanShift:
         return self._shift(work, num_particles, strength).to(x.dtype)
 
     def shift(self, x: torch.Tensor, num_particles: int, *, check_finite_values: bool = True) -> torch.Tensor:
-        """The mean-shift vectors m (same shape as x, computed in float32 or float64)."""
+        """The mean-shift vectors m: same shape, dtype and device as x (computed in float32, or float64)."""
         num_particles = check_num_particles(num_particles)
         check_particle_batch(x, num_particles)
+        check_no_autograd(x, "x")
         if check_finite_values:
             check_finite(x)
-        work = x if x.dtype == torch.float64 else x.float()
         if num_particles == 1:
-            return torch.zeros_like(work)
-        return self._shift(work, num_particles)
+            self._self_weight = self.last_bandwidth = None
+            return torch.zeros_like(x)
+        work = x if x.dtype == torch.float64 else x.float()
+        return self._shift(work, num_particles).to(x.dtype)
 
     def log_density(self, x: torch.Tensor, num_particles: int) -> torch.Tensor:
         """Per-particle ensemble log-density, summed over patch locations, shape (B*N,).
@@ -261,6 +272,7 @@ class PatchMeanShift:
         """
         num_particles = check_num_particles(num_particles)
         check_particle_batch(x, num_particles)
+        check_no_autograd(x, "x")
         check_finite(x)
         work = x if x.dtype == torch.float64 else x.float()
         batch = work.shape[0] // num_particles

@@ -12,7 +12,14 @@ from typing import NamedTuple, Sequence, Union
 
 import torch
 
-from ._checks import BandwidthLike, check_finite, check_num_particles, check_particle_batch
+from ._checks import (
+    BandwidthLike,
+    check_bandwidth,
+    check_finite,
+    check_num_particles,
+    check_particle_batch,
+    check_patch_size,
+)
 
 __all__ = ["Selection", "select_particles", "SELECTION_METHODS"]
 
@@ -42,12 +49,20 @@ def select_particles(
         ``bandwidth`` as in :class:`~kds_hook.PatchMeanShift`).
         ``"medoid"``: the particle with the smallest summed distance to the other particles of its item.
 
-    Ties go to the lowest index. Items never interact.
+    Hazard of ``"mean"``: it picks the most central particle; for a multimodal posterior the mean lies between
+    the modes, and the particle nearest to it can be a blend lying between them too. ``"density"`` picks a
+    particle inside the densest mode instead.
+
+    Distances are computed in float32 (float64 stays float64); ``sample`` is taken from ``x`` itself, in its
+    own dtype. Ties go to the lowest index. Items never interact.
     """
     num_particles = check_num_particles(num_particles)
     batch = check_particle_batch(x, num_particles)
     if method not in SELECTION_METHODS:
         raise ValueError(f"unknown selection method {method!r}; choose one of {', '.join(SELECTION_METHODS)}")
+    # Checked for every method, so a bad setting fails at once rather than when "density" is first used.
+    patch_size = check_patch_size(patch_size)
+    bandwidth = check_bandwidth(bandwidth)
     check_finite(x, name="x")
     work = x if x.dtype == torch.float64 else x.float()
     flat = work.reshape(batch, num_particles, -1)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -35,6 +37,20 @@ def test_gate_with_a_schedule():
         TimeGate(schedule=lambda t: 2.0)(0.5)
 
 
+def test_kds_with_a_schedule_steers_by_its_value():
+    seen = []
+
+    def schedule(t_frac: float) -> float:
+        seen.append(t_frac)
+        return 0.5 * t_frac
+
+    kds = KDS(num_particles=4, bandwidth=1.0, strength=0.9, threshold=0.9, schedule=schedule)
+    x = _x()
+    # The schedule replaces strength and threshold: steered at t/T = 0.2 (below threshold), by 0.5 * 0.2.
+    torch.testing.assert_close(kds.steer_x0(x, t_frac=0.2), PatchMeanShift(1, 1.0)(x, 4, 0.1), rtol=0, atol=0)
+    assert seen == [0.2] and kds.strength_at(0.8) == pytest.approx(0.4)
+
+
 @pytest.mark.parametrize(
     "kwargs, error, match",
     [
@@ -58,6 +74,17 @@ def test_gate_rejects_nan_time():
 
 
 # ---------------------------------------------------------------- steer_x0
+
+
+def test_the_documented_call_forms():
+    kds = KDS(num_particles=10, patch_size=1, bandwidth=0.3, strength=0.3, threshold=0.3, sigma_to_t_frac=lambda s: s)
+    denoised = _x(rows=20, seed=1)
+    steered = kds.steer_x0(denoised, 0.5)  # sigma positional, mapped to t/T = 0.5 >= 0.3
+    assert torch.equal(steered, PatchMeanShift(patch_size=1, bandwidth=0.3)(denoised, num_particles=10, strength=0.3))
+    assert kds.steer_x0(denoised, 0.1) is denoised
+    sample, index = kds.select(steered)
+    assert sample.shape == (2, 3, 4, 4) and index.shape == (2,)
+    assert torch.equal(sample[1], steered[10 + int(index[1])])
 
 
 def test_steer_x0_while_the_gate_is_open_is_the_mean_shift():
@@ -132,11 +159,21 @@ def test_steer_x0_keeps_dtype_device_and_shape():
         (lambda k, x: k.steer_x0(x, t_frac=torch.linspace(0, 1, 8)), ValueError, "same diffusion time"),
         (lambda k, x: k.steer_x0(x.masked_fill(x > 2, float("nan")), t_frac=0.9), ValueError, "NaN or Inf"),
         (lambda k, x: k.steer_x0(x.long(), t_frac=0.9), TypeError, "floating-point"),
+        (lambda k, x: k.steer_x0(x[:0], t_frac=0.9), ValueError, "x is empty"),
+        (lambda k, x: k.steer_x0(x.requires_grad_(), t_frac=0.9), ValueError, "x0 requires grad, but KDS steering"),
     ],
 )
 def test_steer_x0_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call(KDS(num_particles=4), _x())
+
+
+def test_gradients_are_refused_only_where_steering_happens():
+    x = _x().requires_grad_()
+    kds = KDS(num_particles=4, bandwidth=1.0)
+    assert kds.steer_x0(x, t_frac=0.1) is x  # gate closed: nothing to differentiate through, nothing refused
+    with torch.no_grad():
+        assert torch.equal(kds.steer_x0(x, t_frac=0.9), PatchMeanShift(1, 1.0)(x.detach(), 4, 0.3))
 
 
 def test_sigma_without_a_map_needs_sigma_or_time():
@@ -295,6 +332,15 @@ def test_selection_bad_input(x, n, method, error, match):
         select_particles(x, n, method)
 
 
+@pytest.mark.parametrize("method", ["mean", "density", "medoid"])
+def test_selection_checks_its_kernel_settings_for_every_method(method):
+    x = torch.randn(8, 2)
+    with pytest.raises(ValueError, match="bandwidth must be positive"):
+        select_particles(x, 2, method, bandwidth=-1.0)
+    with pytest.raises(ValueError, match="patch_size must be >= 1"):
+        select_particles(x, 2, method, patch_size=0)
+
+
 # ---------------------------------------------------------------- from_minkds
 
 
@@ -306,6 +352,31 @@ def test_from_minkds_converts_the_squared_bandwidth():
     d = torch.linspace(0, 1, 11, dtype=torch.float64)
     b = 0.3
     torch.testing.assert_close(torch.exp(-((d / b**2) ** 2) / 2), torch.exp(-(d**2) / (2 * kds.bandwidth**2)))
+
+
+def _minkds_shift(x: torch.Tensor, band_width: float, patch_size: int) -> torch.Tensor:
+    """minKDS's mean shift as docs/minkds.md describes it (one image, sizes divisible by the patch): the patch
+    distance divided by band_width**2, then exp(-u**2 / 2); naive broadcasting, float64."""
+    n, c, height, width = x.shape
+    p = x.double().reshape(n, c, height // patch_size, patch_size, width // patch_size, patch_size)
+    p = p.permute(0, 2, 4, 1, 3, 5).reshape(n, -1, c * patch_size**2)  # (N, L, D)
+    u = (p.unsqueeze(1) - p.unsqueeze(0)).norm(dim=-1) / band_width**2  # (N, N, L)
+    w = torch.exp(-(u**2) / 2)
+    shift = torch.einsum("ikl,kld->ild", w, p) / w.sum(dim=1).unsqueeze(-1) - p
+    shift = shift.reshape(n, height // patch_size, width // patch_size, c, patch_size, patch_size)
+    return shift.permute(0, 3, 1, 4, 2, 5).reshape(x.shape)
+
+
+@pytest.mark.parametrize("band_width, patch_size", [(0.6, 1), (1.5, 2), (2.5, 4)])
+def test_from_minkds_reproduces_minkds_steering(band_width, patch_size):
+    x = _x(rows=4, shape=(3, 8, 8), seed=2, dtype=torch.float64)
+    kds = KDS.from_minkds(band_width=band_width, patch_size=patch_size, gamma_0=0.3, num_particles=4)
+    expected = x + 0.3 * _minkds_shift(x, band_width, patch_size)
+    assert (expected - x).abs().max() > 1e-2  # the case steers visibly
+    torch.testing.assert_close(kds.steer_x0(x, t_frac=0.9), expected, rtol=0, atol=1e-12)
+    # Taking band_width as h directly would be a different kernel.
+    unconverted = KDS(num_particles=4, patch_size=patch_size, bandwidth=band_width).steer_x0(x, t_frac=0.9)
+    assert (unconverted - expected).abs().max() > 1e-3
 
 
 def test_from_minkds_defaults_and_switches():
@@ -323,6 +394,10 @@ def test_from_minkds_bad_input():
         KDS.from_minkds(band_width="auto")
     with pytest.raises(ValueError, match="bandwidth must be positive"):
         KDS.from_minkds(band_width=0.0)
+    with pytest.raises(ValueError, match=r"band_width=1e-200 is too small: its square .* underflows to 0"):
+        KDS.from_minkds(band_width=1e-200)
+    with pytest.raises(ValueError, match="use_KDE=False switches steering off, but a schedule"):
+        KDS.from_minkds(use_KDE=False, schedule=lambda t: 0.5)
 
 
 # ---------------------------------------------------------------- KDS in a sampler, paired against plain sampling
@@ -358,3 +433,22 @@ def test_kds_concentrates_the_ensemble_paired_over_seeds():
     diffs = torch.tensor(differences)
     assert bool((diffs < 0).all()), differences
     assert float(diffs.mean()) < -3 * float(diffs.std() / math.sqrt(len(diffs)))
+
+
+# ---------------------------------------------------------------- the API reference
+
+
+def test_api_reference_lists_every_public_name():
+    import kds_hook
+    import kds_hook.analytic
+    import kds_hook.diffusers
+    import kds_hook.k_diffusion
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    for module in (kds_hook, kds_hook.analytic, kds_hook.diffusers, kds_hook.k_diffusion):
+        heading = f"## `{module.__name__}`"
+        assert heading in text, heading
+        section = text.split(heading, 1)[1].split("\n## ", 1)[0]
+        listed = set(re.findall(r"^\| `([A-Za-z_][A-Za-z0-9_]*)", section, flags=re.M))
+        missing = set(module.__all__) - listed
+        assert not missing, f"{module.__name__}: {sorted(missing)} not in docs/api.md"

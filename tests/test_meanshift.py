@@ -9,6 +9,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch.utils._pytree import tree_leaves
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from kds_hook import PatchMeanShift, auto_bandwidth
 from reference import reference_mean_shift
@@ -68,6 +70,49 @@ def test_matches_literal_algorithm(case, bandwidth, strength):
     out = PatchMeanShift(patch, bandwidth)(x, n, strength)
     expected = reference_mean_shift(x, n, bandwidth, patch, strength)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+
+
+def test_the_documented_call_forms():
+    x = torch.randn(6, 4, 5, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    op = PatchMeanShift(patch_size=1, bandwidth=0.3)
+    out = op(x, num_particles=3, strength=0.4)
+    m = op.shift(x, num_particles=3)
+    assert (out.shape, out.dtype, out.device) == (x.shape, x.dtype, x.device)
+    torch.testing.assert_close(out, reference_mean_shift(x, 3, 0.3, 1, 0.4), rtol=0, atol=1e-12)
+    torch.testing.assert_close(m, reference_mean_shift(x, 3, 0.3, 1, 1.0) - x, rtol=0, atol=1e-12)
+
+
+def _literal_two_items(x: torch.Tensor, patch, bandwidth, strength: float) -> torch.Tensor:
+    """The literal Algorithm 2 on a batch of two items of 3 particles, with "auto" resolved by its literal rule."""
+    if bandwidth == "auto":
+        h = _literal_auto_bandwidth(x, 3, patch)
+    else:
+        h = torch.full((2,), bandwidth, dtype=torch.float64)
+    return torch.cat([reference_mean_shift(x[b * 3 : b * 3 + 3], 3, float(h[b]), patch, strength) for b in range(2)])
+
+
+@pytest.mark.parametrize(
+    "shape, patch",
+    [
+        ((6, 3, 7), 2),  # 1-D, not divisible
+        ((6, 2, 5), 4),
+        ((6, 2, 9), (1,)),
+        ((6, 3, 7, 5), 2),  # 2-D
+        ((6, 2, 5, 6), (4, 3)),
+        ((6, 2, 5, 4, 3), 2),  # 3-D
+        ((6, 1, 3, 5, 4), (2, 3, 1)),
+        ((6, 7), 3),  # no spatial dims: the whole vector is one patch, patch_size is ignored
+    ],
+    ids=["1d", "1d-big-tile", "1d-tuple", "2d", "2d-tuple", "3d", "3d-tuple", "0d"],
+)
+@pytest.mark.parametrize("bandwidth", [0.7, 2.5, "auto"])
+def test_literal_algorithm_on_every_spatial_rank(shape, patch, bandwidth):
+    # The hypothesis test above draws these too; this pins 1-D, 3-D and non-divisible sizes down explicitly.
+    x = torch.randn(shape, dtype=torch.float64, generator=torch.Generator().manual_seed(len(shape)))
+    op = PatchMeanShift(patch, bandwidth)
+    out = op(x, 3, 0.8)
+    torch.testing.assert_close(out, _literal_two_items(x, patch, bandwidth, 0.8), rtol=0, atol=1e-12)
+    assert not torch.equal(out, x)
 
 
 @SETTINGS
@@ -205,6 +250,25 @@ def test_fixed_bandwidth_is_not_scale_equivariant():
     assert (op(10 * x, 4, 0.6) - 10 * op(x, 4, 0.6)).abs().max() > 0.1
 
 
+def test_auto_bandwidth_grows_like_the_square_root_of_the_patch_dimension():
+    # iid particles: ||p_i - p_k||^2 is about 2 D, so "auto" gives h ~ sqrt(D) and a self-weight that hardly
+    # depends on the patch size, while a fixed h tuned for patch size 1 does nothing at patch size 4.
+    n = 8
+    x = torch.randn(2 * n, 4, 32, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    per_sqrt_dim, self_weight = {}, {}
+    for patch in (1, 2, 4):
+        op = PatchMeanShift(patch, "auto")
+        op.shift(x, n)
+        per_sqrt_dim[patch] = float(op.last_bandwidth.mean()) / math.sqrt(4 * patch**2)
+        self_weight[patch] = op.last_self_weight
+    assert max(per_sqrt_dim.values()) < 1.2 * min(per_sqrt_dim.values())
+    assert all(1 / n + 0.05 < w < 0.9 for w in self_weight.values()), self_weight
+    assert max(self_weight.values()) - min(self_weight.values()) < 0.15, self_weight
+    fixed = PatchMeanShift(4, per_sqrt_dim[1] * 2)  # the "auto" h of patch size 1, kept fixed
+    fixed.shift(x, n)
+    assert fixed.last_self_weight > 0.99
+
+
 # ---------------------------------------------------------------- convexity and the bandwidth limits
 
 
@@ -232,9 +296,19 @@ def test_infinite_bandwidth_pulls_toward_the_mean(case, strength):
 
 @SETTINGS
 @given(ensembles(min_particles=2), st.floats(0.0, 1.0))
-def test_vanishing_bandwidth_leaves_x_unchanged(case, strength):
+def test_wide_bandwidth_tends_to_the_pull_toward_the_mean(case, strength):
+    # The limit itself, not the special value inf: at h = 1e4 the weights differ from 1 by at most ~1e-7.
     x, n, patch = case
-    op = PatchMeanShift(patch, 1e-6)
+    mean = x.reshape(-1, n, *x.shape[1:]).mean(dim=1).repeat_interleave(n, dim=0)
+    out = PatchMeanShift(patch, 1e4)(x, n, strength)
+    torch.testing.assert_close(out, x + strength * (mean - x), rtol=0, atol=1e-6)
+
+
+@SETTINGS
+@given(ensembles(min_particles=2), st.floats(0.0, 1.0), st.sampled_from([1e-6, 1e-300]))
+def test_vanishing_bandwidth_leaves_x_unchanged(case, strength, bandwidth):
+    x, n, patch = case
+    op = PatchMeanShift(patch, bandwidth)  # 1e-300: h^2 underflows to 0
     assert torch.equal(op(x, n, strength), x)
     op.shift(x, n)
     assert op.last_self_weight == 1.0
@@ -296,17 +370,68 @@ def test_auto_bandwidth_is_per_item():
     torch.testing.assert_close(out[4:], 100.0 * op(x[4:], 4, 0.5), rtol=1e-9, atol=1e-9)
 
 
+class _LargestTensor(TorchDispatchMode):
+    """Records the largest tensor any torch op produces while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for leaf in tree_leaves(out):
+            if isinstance(leaf, torch.Tensor):
+                self.largest = max(self.largest, leaf.numel())
+        return out
+
+
+@pytest.mark.parametrize("matmul", [True, False], ids=["matmul", "elementwise"])
+@pytest.mark.parametrize("bandwidth", [0.8, "auto"])
+@pytest.mark.parametrize("patch", [1, 2, 3])
+def test_no_n_by_n_by_d_tensor(monkeypatch, matmul, bandwidth, patch):
+    # Every intermediate is at most the size of x or of the pairwise maps (B, L, N, N); the naive formulation's
+    # difference tensor (B, L, N, N, D) is N times the size of x.
+    import kds_hook.meanshift as meanshift_module
+
+    monkeypatch.setattr(meanshift_module, "_use_matmul", lambda n, dim: matmul)
+    n, batch = 16, 2
+    x = torch.randn(batch * n, 4, 8, 7, generator=torch.Generator().manual_seed(0))
+    locations = math.ceil(8 / patch) * math.ceil(7 / patch)
+    bound = max(x.numel(), batch * locations * n * n)
+    op = PatchMeanShift(patch, bandwidth)
+    for call in (lambda: op(x, n, 0.5), lambda: op.shift(x, n), lambda: op.log_density(x, n)):
+        with _LargestTensor() as seen:
+            call()
+        assert seen.largest <= bound, (seen.largest, bound)
+    naive = x.reshape(batch, n, -1)
+    with _LargestTensor() as seen:  # the guard can fail: it sees the naive formulation's tensor
+        (naive.unsqueeze(1) - naive.unsqueeze(2)).square().sum(-1)
+    assert seen.largest == n * x.numel() > bound
+
+
 # ---------------------------------------------------------------- numerics, dtypes, layouts
 
 
-def test_far_apart_particles_give_no_nan():
+@pytest.mark.parametrize("matmul", [True, False], ids=["matmul", "elementwise"])
+def test_far_apart_particles_give_no_nan(monkeypatch, matmul):
+    import kds_hook.meanshift as meanshift_module
+
+    monkeypatch.setattr(meanshift_module, "_use_matmul", lambda n, dim: matmul)
     x = torch.randn(8, 4, 5, 5, generator=torch.Generator().manual_seed(0)) * 1e15
     for bandwidth in (1e-3, 1.0, "auto"):
-        op = PatchMeanShift(1, bandwidth)
+        op = PatchMeanShift(2, bandwidth)
         out = op(x, 4, 1.0)
         assert bool(torch.isfinite(out).all())
         assert 0.25 <= op.last_self_weight <= 1.0
-    assert torch.equal(PatchMeanShift(1, 1.0)(x, 4, 1.0), x)  # every other particle has weight exactly 0
+    assert torch.equal(PatchMeanShift(2, 1.0)(x, 4, 1.0), x)  # every other particle has weight exactly 0
+
+
+def test_very_far_apart_particles_in_the_matmul_layout(monkeypatch):
+    import kds_hook.meanshift as meanshift_module
+
+    monkeypatch.setattr(meanshift_module, "_use_matmul", lambda n, dim: True)
+    x = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(0)) * 1e18
+    assert torch.equal(PatchMeanShift(4, 1.0)(x, 4, 1.0), x)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -316,6 +441,9 @@ def test_half_precision_is_computed_in_float32(dtype):
         out = PatchMeanShift(2, bandwidth)(x, 4, 0.5)
         assert out.dtype == dtype
         assert torch.equal(out, PatchMeanShift(2, bandwidth)(x.float(), 4, 0.5).to(dtype))
+        shift = PatchMeanShift(2, bandwidth).shift(x, 4)
+        assert shift.dtype == dtype
+        assert torch.equal(shift, PatchMeanShift(2, bandwidth).shift(x.float(), 4).to(dtype))
 
 
 def test_float64_stays_float64():
@@ -380,6 +508,7 @@ def test_log_density_is_the_literal_kde():
         ({"bandwidth": 0.0}, ValueError, "bandwidth must be positive"),
         ({"bandwidth": -1.0}, ValueError, "bandwidth must be positive"),
         ({"bandwidth": float("nan")}, ValueError, "bandwidth must be positive"),
+        ({"bandwidth": float("-inf")}, ValueError, "bandwidth must be positive"),
         ({"bandwidth": "median"}, ValueError, "bandwidth must be a positive float or \"auto\""),
         ({"bandwidth": True}, TypeError, "bandwidth"),
         ({"bandwidth": None}, TypeError, "bandwidth"),
@@ -404,11 +533,15 @@ def test_bad_construction(kwargs, error, match):
         (torch.randn(4, 3, 4, 4), 2, 1.5, ValueError, r"strength must lie in \[0, 1\]"),
         (torch.randn(4, 3, 4, 4), 2, -0.1, ValueError, r"strength must lie in \[0, 1\]"),
         (torch.randn(4, 3, 4, 4), 2, float("nan"), ValueError, r"strength must lie in \[0, 1\]"),
+        (torch.randn(4, 3, 4, 4), 2, float("inf"), ValueError, r"strength must lie in \[0, 1\]"),
         (torch.randn(4, 3, 4, 4), 2, "0.3", TypeError, "strength must be a float"),
         (torch.randn(4, 3, 4, 4), 2, torch.tensor([0.2, 1.2]), ValueError, r"strength must lie in \[0, 1\]"),
         (torch.randn(4, 3, 4, 4), 2, torch.ones(2, 1), ValueError, "0-D or 1-D"),
         (torch.randn(4, 3, 4, 4), 2, torch.tensor([0.1, 0.2, 0.3]), ValueError, "one value per item"),
         (torch.randn(4), 2, 0.3, ValueError, "0 to 3 spatial dims"),
+        (torch.randn(0, 3, 4, 4), 2, 0.3, ValueError, r"x is empty \(shape \(0, 3, 4, 4\)\)"),
+        (torch.randn(4, 3, 0, 4), 2, 0.3, ValueError, "x is empty"),
+        (torch.randn(4, 0), 2, 0.3, ValueError, "x is empty"),
         (torch.randn(4, 1, 2, 2, 2, 2), 2, 0.3, ValueError, "0 to 3 spatial dims"),
         (torch.ones(4, 3, 4, 4, dtype=torch.int64), 2, 0.3, TypeError, "floating-point"),
         ([[0.0]] * 4, 2, 0.3, TypeError, "x must be a torch.Tensor"),
@@ -449,12 +582,7 @@ def test_both_layouts_match_the_literal_algorithm(monkeypatch, matmul, bandwidth
         op = PatchMeanShift(patch, bandwidth)
         out = op(x, 3, 0.6)
         density = op.log_density(x, 3)
-        if bandwidth == "auto":
-            h = _literal_auto_bandwidth(x, 3, patch)
-        else:
-            h = torch.full((2,), bandwidth, dtype=torch.float64)
-        expected = torch.cat([reference_mean_shift(x[b * 3 : b * 3 + 3], 3, float(h[b]), patch, 0.6) for b in range(2)])
-        torch.testing.assert_close(out, expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(out, _literal_two_items(x, patch, bandwidth, 0.6), rtol=0, atol=1e-12)
         monkeypatch.setattr(meanshift_module, "_use_matmul", lambda n, dim: not matmul)
         torch.testing.assert_close(density, PatchMeanShift(patch, bandwidth).log_density(x, 3), rtol=1e-12, atol=1e-12)
 
@@ -465,3 +593,28 @@ def test_layout_rule():
     assert not _use_matmul(64, 4) and not _use_matmul(64, 12)  # patch 1 or 2 of a 3-4 channel latent
     assert not _use_matmul(10, 16) and _use_matmul(32, 16)
     assert _use_matmul(4, 48) and _use_matmul(10, 64)
+
+
+def test_a_call_that_steers_nothing_clears_the_diagnostics():
+    x = torch.randn(8, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    op = PatchMeanShift(1, 1.0)
+    op(x, 4, 0.5)
+    assert op.last_self_weight is not None and op.last_bandwidth is not None
+    assert op(x, 4, 0.0) is x
+    assert op.last_self_weight is None and op.last_bandwidth is None
+    op.shift(x, 4)
+    assert op.last_self_weight is not None
+    assert torch.equal(op.shift(x, 1), torch.zeros_like(x))
+    assert op.last_self_weight is None and op.last_bandwidth is None
+
+
+@pytest.mark.parametrize("call", ["steer", "shift", "log_density"])
+def test_operator_refuses_a_tensor_that_requires_grad(call):
+    x = torch.randn(4, 3, 4, 4, requires_grad=True)
+    op = PatchMeanShift(1, 0.3)
+    run = {"steer": lambda: op(x, 2, 0.3), "shift": lambda: op.shift(x, 2), "log_density": lambda: op.log_density(x, 2)}
+    with pytest.raises(ValueError, match="x requires grad, but KDS steering is not differentiable"):
+        run[call]()
+    with torch.no_grad():
+        run[call]()  # under no_grad, as in every sampler, it runs
+    assert torch.equal(op(x.detach(), 2, 0.3), op(x.detach(), 2, 0.3))
