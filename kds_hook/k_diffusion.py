@@ -13,7 +13,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
-from typing import Any, Callable, Dict, NamedTuple, Optional, Union
+from typing import Any, Callable, Dict, Iterator, NamedTuple, Optional, Union
 
 import torch
 from torch import nn
@@ -39,17 +39,24 @@ class KDSDenoiser(nn.Module):
         2. ``sigma_threshold``: steer with ``kds.gate.strength`` while ``sigma >= sigma_threshold``, else not
            at all; for continuous-time models without a notion of training steps.
         3. ``kds.sigma_to_t_frac``, when the KDS was built with one.
-        4. A discrete schedule (k-diffusion's ``DiscreteSchedule`` wrappers: ``CompVisDenoiser``,
-           ``DiscreteEpsDDPMDenoiser``, ``OpenAIDenoiser``, ``DiscreteVDDPMDenoiser``, ``CompVisVDenoiser``) on
-           ``model`` or down its ``inner_model`` chain (so ``KDSDenoiser(CFGDenoiser(CompVisDenoiser(...)))``
-           works): ``t/T = sigma_to_t(sigma) / len(sigmas)``, exactly the timestep the network sees divided
-           by the number of training steps.
-        Without any of these, construction raises ``ValueError``: there is no silent default.
+        4. The first object with a ``sigma_to_t`` on ``model`` or down its ``inner_model`` chain (so
+           ``KDSDenoiser(CFGDenoiser(CompVisDenoiser(...)))`` works), when it is a discrete schedule
+           (k-diffusion's ``DiscreteSchedule`` wrappers: ``CompVisDenoiser``, ``DiscreteEpsDDPMDenoiser``,
+           ``OpenAIDenoiser``, ``DiscreteVDDPMDenoiser``, ``CompVisVDenoiser``; duck-typed as ``sigma_to_t`` and
+           a 1-D tensor ``sigmas``): ``t/T = sigma_to_t(sigma) / len(sigmas)``, exactly the timestep the network
+           sees (respecting the wrapper's ``quantize``) divided by the number of training steps.
+        Otherwise (no ``sigma_to_t``, or a continuous one such as ``VDenoiser``'s) construction raises
+        ``ValueError``: there is no silent default.
+
+    The wrapped model must not contain a ``KDSDenoiser`` already (that would steer twice; ``ValueError``).
+    With classifier-free guidance, wrap the CFG denoiser (``KDSDenoiser(CFGDenoiser(model), kds)``) so that
+    KDS steers the guided prediction, as in the paper's Algorithm 3.
 
     Args:
         model: a k-diffusion denoiser ``model(x, sigma, **extra_args) -> x0``, batch (B*N, ...).
         kds: the :class:`~kds_hook.KDS` configuration (particle count, bandwidth, gate).
-        sigma_to_t_frac: optional map sigma -> t/T (see above).
+        sigma_to_t_frac: optional map sigma -> t/T (see above); called with a 1-D tensor holding one sigma, or
+            one per item, and returns t/T as a float or a tensor of the same length.
         sigma_threshold: optional noise level at and above which steering is on (see above).
     """
 
@@ -77,6 +84,7 @@ class KDSDenoiser(nn.Module):
                     "sigma_threshold gates with kds.gate.strength and cannot evaluate a KDS(schedule=...), which is "
                     "a function of t/T; give sigma_to_t_frac instead"
                 )
+        _refuse_nested_kds(model)
         self.inner_model = model
         self.kds = kds
         self.sigma_threshold = sigma_threshold
@@ -101,7 +109,22 @@ class KDSDenoiser(nn.Module):
         denoised = self.inner_model(x, sigma, **extra_args)
         if self.sigma_threshold is not None:
             return self.kds.steer_x0(denoised, strength=self._threshold_strength(sigma))
-        return self.kds.steer_x0(denoised, t_frac=self.sigma_to_t_frac(torch.as_tensor(sigma, device=x.device)))
+        return self.kds.steer_x0(denoised, t_frac=self._t_frac(torch.as_tensor(sigma, device=x.device), x.shape[0]))
+
+    def _t_frac(self, sigma: torch.Tensor, rows: int) -> Union[float, torch.Tensor]:
+        """t/T of every row, mapping one sigma per item: a discrete ``sigma_to_t`` costs O(T) per value, and a
+        sampler passes the same sigma for all B*N rows."""
+        flat = sigma.reshape(-1)
+        if flat.numel() <= 1 or bool((flat == flat[0]).all()):
+            return self.sigma_to_t_frac(flat[:1])
+        num_particles = self.kds.num_particles
+        if flat.numel() != rows or rows % num_particles:
+            return self.sigma_to_t_frac(flat)  # steer_x0 names the mismatch
+        per_item = flat.reshape(-1, num_particles)
+        if not bool((per_item == per_item[:, :1]).all()):
+            raise ValueError("the N particles of one item must be at the same noise level sigma")
+        t_frac = torch.as_tensor(self.sigma_to_t_frac(per_item[:, 0]))
+        return t_frac.reshape(-1).repeat_interleave(num_particles)
 
     def _threshold_strength(self, sigma: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
         """kds.gate.strength where sigma >= sigma_threshold, else 0: a float, or one value per item."""
@@ -128,19 +151,46 @@ class _DiscreteTFrac:
 
 
 def _discrete_t_frac(model: Any) -> _DiscreteTFrac:
-    """t/T through the first object with ``sigma_to_t`` and a 1-D ``sigmas`` tensor along ``inner_model`` links."""
-    seen, current = set(), model
-    while current is not None and id(current) not in seen and len(seen) < 16:
-        seen.add(id(current))
+    """t/T from the first object along the ``inner_model`` links that has a ``sigma_to_t``: it is the model's
+    time map. It must be a discrete schedule (a 1-D ``sigmas`` tensor of the training noise levels)."""
+    for current in _inner_model_chain(model):
+        if not callable(getattr(current, "sigma_to_t", None)):
+            continue
         sigmas = getattr(current, "sigmas", None)
-        if callable(getattr(current, "sigma_to_t", None)) and isinstance(sigmas, torch.Tensor) and sigmas.ndim == 1:
+        if isinstance(sigmas, torch.Tensor) and sigmas.ndim == 1 and len(sigmas) > 1:
             return _DiscreteTFrac(current)
-        current = getattr(current, "inner_model", None)
+        raise ValueError(
+            f"{type(current).__name__} has sigma_to_t but no discrete schedule (a 1-D tensor sigmas of training "
+            "noise levels): it is a continuous-time model, so t/T is yours to choose. Pass sigma_threshold=... "
+            "(steer while sigma >= it) or sigma_to_t_frac=... (a map sigma -> t/T, such as its sigma_to_t when "
+            "its t runs over [0, 1])"
+        )
     raise ValueError(
         f"cannot find t/T for {type(model).__name__}: it is not a k-diffusion discrete-schedule model (no "
         "sigma_to_t and sigmas on it or its inner_model chain). For a continuous-time model pass "
         "sigma_threshold=... (steer while sigma >= it) or sigma_to_t_frac=... (a map sigma -> t/T)"
     )
+
+
+def _inner_model_chain(model: Any) -> Iterator[Any]:
+    """model, model.inner_model, model.inner_model.inner_model, ... (k-diffusion's wrapper convention)."""
+    seen, current = set(), model
+    while current is not None and id(current) not in seen and len(seen) < 16:
+        seen.add(id(current))
+        yield current
+        current = getattr(current, "inner_model", None)
+
+
+def _refuse_nested_kds(model: Any) -> None:
+    """A KDSDenoiser inside the wrapped model would steer every evaluation twice."""
+    for depth, current in enumerate(_inner_model_chain(model)):
+        if isinstance(current, KDSDenoiser):
+            where = "model" + ".inner_model" * depth
+            raise ValueError(
+                f"{where} is already a KDSDenoiser: wrapping it again would steer every evaluation twice. "
+                "Wrap KDS once, outermost (for CFG: KDSDenoiser(CFGDenoiser(model)), which steers the guided "
+                "prediction); sample() accepts a KDSDenoiser as its model and does not wrap it again"
+            )
 
 
 def _check_sigma_threshold(value: object) -> float:
@@ -185,6 +235,8 @@ def sample(
             not accepted: kds_hook does not import k_diffusion).
         model: a k-diffusion denoiser; wrapped in :class:`KDSDenoiser` unless it already is one (build the
             wrapper yourself to pass ``sigma_threshold`` or ``sigma_to_t_frac`` for a continuous-time model).
+            With CFG pass ``KDSDenoiser(CFGDenoiser(...), kds)`` or the CFG denoiser itself, never a CFG
+            denoiser around a ``KDSDenoiser`` (refused: it would steer twice, and not the guided prediction).
         x: the initial noise of every particle, shape (B*N, ...), already scaled as the sampler expects
             (``torch.randn(B * N, ...) * sigmas[0]``); rows ``b*N ... b*N+N-1`` are item b's N particles.
             The particles need different noise: from identical noise a deterministic sampler would keep them

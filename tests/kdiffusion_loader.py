@@ -42,28 +42,33 @@ class KDiffusionModules(NamedTuple):
 def load_k_diffusion() -> KDiffusionModules:
     """Returns the installed ``k_diffusion.sampling`` and ``k_diffusion.external`` modules.
 
-    Raises ``ModuleNotFoundError`` when k-diffusion or one of the samplers' own dependencies is not installed.
-    Calling it again returns the same modules.
+    Raises ``ModuleNotFoundError`` when k-diffusion or one of the samplers' own dependencies is not installed,
+    and then leaves no ``k_diffusion`` module behind, so that a later call starts afresh. Calling it again after
+    a success returns the same modules.
     """
-    if "k_diffusion" not in sys.modules:
-        spec = importlib.util.find_spec("k_diffusion")  # a top-level name: locates, does not import
-        if spec is None or not spec.submodule_search_locations:
-            raise ModuleNotFoundError("k-diffusion is not installed (pip install --no-deps k-diffusion==0.1.1.post1)")
-        _forget("k_diffusion")  # submodules left over from a failed ``import k_diffusion``
-        package = types.ModuleType("k_diffusion", "k-diffusion's submodules, loaded without its __init__")
-        package.__path__ = list(spec.submodule_search_locations)
-        package.__spec__ = importlib.machinery.ModuleSpec("k_diffusion", None, is_package=True)
-        package.__spec__.submodule_search_locations = package.__path__
-        sys.modules["k_diffusion"] = package
-        try:
-            with _torchvision_if_missing():
-                importlib.import_module("k_diffusion.utils")
-        except BaseException:
-            _forget("k_diffusion")  # leave nothing half-loaded behind, so a later call retries cleanly
-            raise
+    if "k_diffusion" in sys.modules:  # loaded before, by this function or by a working ``import k_diffusion``
+        return _submodules()
+    spec = importlib.util.find_spec("k_diffusion")  # a top-level name: locates, does not import
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError("k-diffusion is not installed (pip install --no-deps k-diffusion==0.1.1.post1)")
+    _forget("k_diffusion")  # submodules left over from a failed ``import k_diffusion``
+    package = types.ModuleType("k_diffusion", "k-diffusion's submodules, loaded without its __init__")
+    package.__path__ = list(spec.submodule_search_locations)
+    package.__spec__ = importlib.machinery.ModuleSpec("k_diffusion", None, is_package=True)
+    package.__spec__.submodule_search_locations = package.__path__
+    sys.modules["k_diffusion"] = package
+    try:
+        with _torchvision_if_missing():
+            importlib.import_module("k_diffusion.utils")
+        return _submodules()
+    except BaseException:
+        _forget("k_diffusion")  # leave nothing half-loaded behind, so a later call retries cleanly
+        raise
+
+
+def _submodules() -> KDiffusionModules:
     sampling = importlib.import_module("k_diffusion.sampling")
-    external = importlib.import_module("k_diffusion.external")
-    return KDiffusionModules(sampling, external)
+    return KDiffusionModules(sampling, importlib.import_module("k_diffusion.external"))
 
 
 def importorskip_k_diffusion() -> KDiffusionModules:

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import ast
+import copy
+import re
 import subprocess
 import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,12 +42,36 @@ SAMPLERS = [
 # Loose tolerances and a large first step keep the adaptive solver at a handful of evaluations.
 SAMPLER_KWARGS = {"sample_dpm_adaptive": {"rtol": 0.5, "atol": 0.1, "h_init": 0.5}}
 TRAIN_STEPS = 1000
+STEPS = 6  # model.get_sigmas(STEPS) has STEPS + 1 values: STEPS steps, the last one to sigma = 0
+
+
+def model_evaluations(name, info=None):
+    """How many times each sampler calls the model over STEPS steps (read off k_diffusion/sampling.py)."""
+    if name == "sample_dpm_adaptive":
+        return info["nfe"]  # `order` evaluations per attempted step
+    if name in ("sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_2s_ancestral",
+                "sample_dpmpp_sde"):
+        return 2 * STEPS - 1  # two per step; the last step, to sigma = 0, is a single Euler step
+    return STEPS  # one per step; dpm_fast gets n = len(sigmas) - 1 evaluations from sample()
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "k_diffusion.md"
+
+
+def doc_section(heading):
+    """The text of the docs page's section ``## heading``."""
+    return DOC.read_text().split(f"\n## {heading}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def doc_code_blocks(heading):
+    """The ```python blocks of the docs page's section ``## heading``, in order."""
+    return re.findall(r"```python\n(.*?)```", doc_section(heading), re.S)
 
 
 class MixtureDenoiser(kd.external.DiscreteSchedule):
     """The exact denoiser of a Gaussian mixture on a DDPM schedule (Stable Diffusion's scaled-linear betas).
 
-    Works per pixel: x is (M, D) or (M, D, *spatial) with D the mixture's dimension. ``offset`` (extra arg)
+    Works per pixel: x is (M, D) or (M, D, *spatial) with D the mixture's dimension. ``cond`` (extra arg, (M, D))
     shifts the mixture per row, so conditioning has a visible, exact effect. Counts its evaluations.
     """
 
@@ -54,10 +83,10 @@ class MixtureDenoiser(kd.external.DiscreteSchedule):
         self.calls = 0
         self.sigmas_seen = []
 
-    def forward(self, x, sigma, offset=None):
+    def forward(self, x, sigma, cond=None):
         self.calls += 1
         self.sigmas_seen.append(sigma.detach().clone())
-        return denoise_mixture(self.mixture, x, sigma, offset)
+        return denoise_mixture(self.mixture, x, sigma, cond)
 
 
 def denoise_mixture(mixture, x, sigma, offset=None):
@@ -81,17 +110,61 @@ class ContinuousMixture:
         return denoise_mixture(self.mixture, x, sigma)
 
 
-class CFGDenoiser(nn.Module):
-    """Classifier-free guidance over a conditional denoiser (the docs' recipe): uncond + s * (cond - uncond)."""
+class RecordingNetwork(nn.Module):
+    """Stands in for the trained network inside k-diffusion's discrete wrappers: records the timestep t and the
+    conditioning it receives, and predicts eps (or v) linearly, so every sampler runs."""
 
-    def __init__(self, model):
+    def __init__(self, alphas_cumprod=None, learned_sigmas=False):
         super().__init__()
-        self.inner_model = model
+        if alphas_cumprod is not None:
+            self.register_buffer("alphas_cumprod", alphas_cumprod)
+        self.learned_sigmas = learned_sigmas
+        self.timesteps, self.conds = [], []
 
-    def forward(self, x, sigma, uncond, cond, cond_scale):
-        both = self.inner_model(torch.cat([x, x]), torch.cat([sigma, sigma]), offset=torch.cat([uncond, cond]))
-        x0_uncond, x0_cond = both.chunk(2)
-        return x0_uncond + (x0_cond - x0_uncond) * cond_scale
+    def forward(self, x, t, cond):
+        self.timesteps.append(t.detach().clone())
+        self.conds.append(cond)
+        prediction = 0.5 * x + 0.1 * cond.reshape(cond.shape + (1,) * (x.ndim - cond.ndim))
+        return torch.cat([prediction, prediction], dim=1) if self.learned_sigmas else prediction
+
+    def apply_model(self, x, t, cond):  # CompVis LatentDiffusion's entry point
+        return self(x, t, cond)
+
+
+def sd_alphas_cumprod():
+    betas = torch.linspace(0.00085**0.5, 0.012**0.5, TRAIN_STEPS, dtype=torch.float64) ** 2
+    return torch.cumprod(1 - betas, dim=0).float()
+
+
+def discrete_wrapper(name, quantize):
+    """One of k-diffusion's five discrete-schedule wrappers around a RecordingNetwork; returns (wrapper, network)."""
+    external, alphas_cumprod = kd.external, sd_alphas_cumprod()
+    network = RecordingNetwork(alphas_cumprod, learned_sigmas=name == "OpenAIDenoiser")
+    if name == "CompVisDenoiser":
+        return external.CompVisDenoiser(network, quantize=quantize), network
+    if name == "CompVisVDenoiser":
+        return external.CompVisVDenoiser(network, quantize=quantize), network
+    if name == "DiscreteEpsDDPMDenoiser":
+        return external.DiscreteEpsDDPMDenoiser(network, alphas_cumprod, quantize), network
+    if name == "DiscreteVDDPMDenoiser":
+        return external.DiscreteVDDPMDenoiser(network, alphas_cumprod, quantize), network
+    diffusion = types.SimpleNamespace(alphas_cumprod=alphas_cumprod.double().numpy())  # guided-diffusion's
+    return external.OpenAIDenoiser(network, diffusion, quantize=quantize), network
+
+
+DISCRETE_WRAPPERS = [
+    "CompVisDenoiser", "CompVisVDenoiser", "DiscreteEpsDDPMDenoiser", "DiscreteVDDPMDenoiser", "OpenAIDenoiser"
+]
+
+def defined_in_docs(heading, name):
+    """Runs the first code block of a docs section and returns what it defines as ``name``."""
+    namespace = {}
+    exec(doc_code_blocks(heading)[0], namespace)
+    return namespace[name]
+
+
+# The docs' CFG recipe as written: the tests use the very class the docs tell users to copy.
+CFGDenoiser = defined_in_docs("Classifier-free guidance", "CFGDenoiser")
 
 
 def plain_sampler(name, model, x, sigmas, seed, **kwargs):
@@ -133,6 +206,25 @@ def test_importing_kds_hook_does_not_import_k_diffusion():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_no_kds_hook_source_imports_k_diffusion():
+    """Statically, every module of the package (also those the runtime check above does not import)."""
+    package = Path(__file__).resolve().parents[1] / "kds_hook"
+    offenders = []
+    for path in sorted(package.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            elif isinstance(node, ast.Call) and getattr(node.func, "attr", getattr(node.func, "id", "")) in (
+                "import_module", "__import__"
+            ):
+                names = [arg.value for arg in node.args[:1] if isinstance(arg, ast.Constant)]
+            offenders += [f"{path.name}: {name}" for name in names if str(name).split(".")[0] == "k_diffusion"]
+    assert len(list(package.rglob("*.py"))) > 5 and offenders == []
+
+
 def test_loader_leaves_no_torchvision_stand_in_behind():
     import importlib.util
 
@@ -143,6 +235,38 @@ def test_loader_leaves_no_torchvision_stand_in_behind():
             kd_utils.from_pil_image(None)
 
 
+@pytest.fixture
+def k_diffusion_unloaded(monkeypatch):
+    """No k_diffusion module in sys.modules for the test's duration; the loaded ones come back afterwards."""
+    import kdiffusion_loader
+
+    for name in [n for n in sys.modules if n.split(".")[0] == "k_diffusion"]:
+        monkeypatch.delitem(sys.modules, name)
+    return kdiffusion_loader
+
+
+def test_loader_reports_a_missing_k_diffusion(k_diffusion_unloaded, monkeypatch):
+    monkeypatch.setattr(k_diffusion_unloaded.importlib.util, "find_spec", lambda name, package=None: None)
+    with pytest.raises(ModuleNotFoundError, match="k-diffusion is not installed"):
+        k_diffusion_unloaded.load_k_diffusion()
+    assert "k_diffusion" not in sys.modules
+
+
+def test_loader_leaves_nothing_half_loaded_when_a_sampler_dependency_is_missing(k_diffusion_unloaded, monkeypatch):
+    class HideTorchsde:  # a meta path finder: torchsde (which k_diffusion.sampling imports) is not installed
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "torchsde":
+                raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+            return None
+
+    for name in [n for n in sys.modules if n.split(".")[0] == "torchsde"]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setattr(sys, "meta_path", [HideTorchsde()] + sys.meta_path)
+    with pytest.raises(ModuleNotFoundError, match="torchsde"):
+        k_diffusion_unloaded.load_k_diffusion()
+    assert not [name for name in sys.modules if name.split(".")[0] in ("k_diffusion", "torchvision")]
+
+
 # ------------------------------------------------------------------------------------- exactness, 13 samplers
 
 
@@ -150,27 +274,29 @@ def test_loader_leaves_no_torchvision_stand_in_behind():
 @pytest.mark.parametrize("case", ["strength_0", "one_particle"])
 def test_reproduces_the_plain_sampler_bit_for_bit(model, name, case):
     num_particles, strength = (4, 0.0) if case == "strength_0" else (1, 0.3)
-    sigmas = model.get_sigmas(6)
+    sigmas = model.get_sigmas(STEPS)
     x = particle_noise(2, num_particles, (2, 2, 2), sigmas[0], seed=1)
     expected = plain_sampler(name, model, x, sigmas, seed=7)
     kds = KDS(num_particles=num_particles, bandwidth=1.0, strength=strength, threshold=0.0)
     result = kds_sampler(name, model, x, sigmas, kds, seed=7)
     assert torch.equal(result.particles, expected)
+    assert torch.equal(result.sample, kds.select(expected).sample)
     if num_particles == 1:
         assert torch.equal(result.sample, expected)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)
 def test_steers_every_model_evaluation(model, name):
-    sigmas = model.get_sigmas(6)
+    sigmas = model.get_sigmas(STEPS)
     x = particle_noise(2, 4, (2, 2, 2), sigmas[0], seed=2)
     plain = plain_sampler(name, model, x, sigmas, seed=3)
     model.calls = 0
     kds = KDS(num_particles=4, bandwidth=1.0, threshold=0.0, record=True)  # gate open at every step
-    result = kds_sampler(name, model, x, sigmas, kds, seed=3)
-    assert model.calls > 0
+    extra = {"return_info": True} if name == "sample_dpm_adaptive" else {}
+    result = kds_sampler(name, model, x, sigmas, kds, seed=3, **extra)
+    assert model.calls == model_evaluations(name, result.info)
     assert len(kds.history) == model.calls  # one steer_x0 call per model evaluation, stages included
-    assert all(record.strength == 0.3 for record in kds.history)
+    assert all(record.strength == 0.3 and record.self_weight is not None for record in kds.history)
     assert not torch.allclose(result.particles, plain)
     assert result.sample.shape == (2, 2, 2, 2) and result.index.shape == (2,)
 
@@ -213,8 +339,8 @@ def test_extra_args_are_repeated_per_particle(model):
     x = particle_noise(2, 4, (2,), sigmas[0], seed=9)
     kds = KDS(num_particles=4)
     euler = kd.sampling.sample_euler
-    per_item = sample(euler, model, x, sigmas, kds, {"offset": offsets}, return_all=True, disable=True)
-    expanded = {"offset": offsets.repeat_interleave(4, 0)}
+    per_item = sample(euler, model, x, sigmas, kds, {"cond": offsets}, return_all=True, disable=True)
+    expanded = {"cond": offsets.repeat_interleave(4, 0)}
     per_particle = sample(euler, model, x, sigmas, kds, expanded, return_all=True, disable=True)
     assert torch.equal(per_item.particles, per_particle.particles)
     # Each item's particles end at its own (shifted) modes.
@@ -271,6 +397,68 @@ def test_gate_opens_exactly_at_the_threshold_timestep(quantize):
         assert torch.equal(out, plain) is not steered
 
 
+@pytest.mark.parametrize("wrapper", DISCRETE_WRAPPERS)
+@pytest.mark.parametrize("quantize", [False, True])
+def test_gate_follows_sigma_to_t_of_k_diffusion_wrappers(wrapper, quantize):
+    """t/T is the timestep the network itself receives, over the 1000 training steps, for every wrapper."""
+    model, network = discrete_wrapper(wrapper, quantize)
+    kds = KDS(num_particles=4, bandwidth=1.0, record=True)  # the paper's gate
+    sigmas = model.get_sigmas(8)
+    x = particle_noise(2, 4, (2, 2, 2), sigmas[0], seed=18)
+    cond = torch.tensor([1.0, -2.0])  # per item: the network must get it per particle
+    sample(kd.sampling.sample_heun, model, x, sigmas, kds, {"cond": cond}, disable=True)
+    assert len(network.timesteps) == len(kds.history) == 15  # Heun, 8 steps: 2 per step, 1 in the last
+    for record, t in zip(kds.history, network.timesteps):
+        assert t.shape == (8,) and torch.equal(t, t[:1].expand(8))
+        t_frac = float(t[0] / TRAIN_STEPS)
+        assert record.t_frac == t_frac
+        assert record.strength == (0.3 if t_frac >= 0.3 else 0.0)
+    assert {record.strength for record in kds.history} == {0.0, 0.3}
+    assert all(torch.equal(c, cond.repeat_interleave(4)) for c in network.conds)
+    if quantize:
+        assert all(t.dtype == torch.int64 for t in network.timesteps)
+    # The gate opens exactly at training timestep 300 of 1000.
+    denoiser = KDSDenoiser(model, kds)
+    cond = cond.repeat_interleave(4)
+    for timestep, steered in [(299, False), (300, True)]:
+        sigma = model.sigmas[timestep].expand(8)
+        out, plain = denoiser(x, sigma, cond=cond), model(x, sigma, cond=cond)
+        assert int(network.timesteps[-1][0]) == timestep
+        assert torch.equal(out, plain) is not steered
+
+
+def test_items_at_different_noise_levels_are_gated_separately(model):
+    kds = KDS(num_particles=4, bandwidth=1.0)
+    denoiser = KDSDenoiser(model, kds)
+    x = particle_noise(2, 4, (2,), 1.0, seed=19)
+    sigma = torch.cat([model.sigmas[300].expand(4), model.sigmas[299].expand(4)])  # item 0 steered, item 1 not
+    out, plain = denoiser(x, sigma), model(x, sigma)
+    assert torch.equal(out[:4], kds.steer_x0(plain[:4], t_frac=0.3)) and not torch.equal(out[:4], plain[:4])
+    assert torch.equal(out[4:], plain[4:])
+    mixed = torch.cat([model.sigmas[300].expand(3), model.sigmas[299].expand(5)])
+    with pytest.raises(ValueError, match="same noise level"):
+        denoiser(x, mixed)
+
+
+def test_v_denoiser_is_continuous_time_and_takes_its_own_time_map():
+    network = RecordingNetwork()
+    model = kd.external.VDenoiser(network)
+    with pytest.raises(ValueError, match="VDenoiser has sigma_to_t but no discrete schedule"):
+        KDSDenoiser(model, KDS(num_particles=4))
+    sigmas = kd.sampling.get_sigmas_karras(6, 0.05, 20.0)
+    x = particle_noise(2, 4, (2,), sigmas[0], seed=20)
+    cond = torch.tensor([1.0, -2.0])
+    with pytest.raises(ValueError, match="continuous-time"):
+        sample(kd.sampling.sample_euler, model, x, sigmas, KDS(num_particles=4), {"cond": cond}, disable=True)
+    kds = KDS(num_particles=4, bandwidth=1.0, record=True)
+    denoiser = KDSDenoiser(model, kds, sigma_to_t_frac=model.sigma_to_t)
+    sample(kd.sampling.sample_euler, denoiser, x, sigmas, kds, {"cond": cond}, disable=True)
+    assert len(kds.history) == len(network.timesteps) == 6
+    for record, t in zip(kds.history, network.timesteps):  # VDenoiser's t already runs over [0, 1]
+        assert record.t_frac == float(t[0]) and record.strength == (0.3 if float(t[0]) >= 0.3 else 0.0)
+    assert {record.strength for record in kds.history} == {0.0, 0.3}
+
+
 def test_sigma_threshold_for_a_continuous_model():
     model = ContinuousMixture(three_gaussians())
     with pytest.raises(ValueError, match="sigma_threshold"):
@@ -319,7 +507,7 @@ def test_schedule_with_sigma_to_t_frac():
 
 def test_cfg_composition_steers_the_guided_prediction(model):
     kds = KDS(num_particles=4, bandwidth=1.0, record=True)
-    cfg = CFGDenoiser(model)
+    cfg = CFGDenoiser(model)  # the docs' recipe
     denoiser = KDSDenoiser(cfg, kds)  # t/T found on cfg.inner_model, a discrete schedule
     uncond, cond = torch.zeros(2, 2), torch.tensor([[1.0, 0.0], [0.0, -1.0]])
     extra = {"uncond": uncond.repeat_interleave(4, 0), "cond": cond.repeat_interleave(4, 0), "cond_scale": 3.0}
@@ -329,33 +517,63 @@ def test_cfg_composition_steers_the_guided_prediction(model):
     steered = denoiser(x, sigma, **extra)
     assert torch.equal(steered, kds.steer_x0(guided, t_frac=0.6))  # Algorithm 3: KDS after guidance
     assert not torch.equal(steered, guided)
+    # The other order steers the unconditional and conditional predictions one by one: not the paper's method.
+    inside = CFGDenoiser(KDSDenoiser(model, KDS(num_particles=4, bandwidth=1.0)))(x, sigma, **extra)
+    assert not torch.allclose(inside, steered)
+    with pytest.raises(ValueError, match="already a KDSDenoiser"):
+        sample(kd.sampling.sample_euler, CFGDenoiser(KDSDenoiser(model, kds)), x, model.get_sigmas(3), kds, extra)
 
-    model.calls, kds.history[:] = 0, []
+    model.calls, model.sigmas_seen, kds.history[:] = 0, [], []
     sigmas = model.get_sigmas(5)
     x = particle_noise(2, 4, (2,), sigmas[0], seed=16)
     extra = {"uncond": uncond, "cond": cond, "cond_scale": 3.0}  # per item: sample() repeats them
     result = sample(kd.sampling.sample_dpmpp_2m, denoiser, x, sigmas, kds, extra, return_all=True, disable=True)
     assert len(kds.history) == model.calls == 5  # one guided (double-batch) evaluation per step
+    assert [len(s) for s in model.sigmas_seen] == [16] * 5  # the inner model sees 2*B*N rows
     assert result.sample.shape == (2, 2)
+
+
+def test_docs_cfg_recipe_runs_with_a_compvis_model():
+    """The docs' CFG usage block, run as written with a CompVis-like network inside CompVisDenoiser."""
+    network = RecordingNetwork(sd_alphas_cumprod())
+    kds = KDS(num_particles=4, bandwidth=1.0, record=True)
+    sigmas = kd.sampling.get_sigmas_karras(5, 0.1, 10.0)
+    namespace = {
+        "torch": torch, "K": kd.sampling, "CompVisDenoiser": kd.external.CompVisDenoiser, "ldm": network,
+        "CFGDenoiser": CFGDenoiser, "KDSDenoiser": KDSDenoiser, "sample": sample, "kds": kds, "sigmas": sigmas,
+        "uncond": torch.zeros(3), "cond": torch.tensor([1.0, 2.0, 3.0]),
+        "x": particle_noise(3, 4, (2, 2, 2), sigmas[0], seed=21),
+    }
+    exec(doc_code_blocks("Classifier-free guidance")[1], namespace)
+    assert namespace["images"].shape == (3, 2, 2, 2)
+    assert len(kds.history) == len(network.timesteps) == 5
+    expected_cond = torch.cat([torch.zeros(12), torch.tensor([1.0, 2.0, 3.0]).repeat_interleave(4)])
+    assert all(torch.equal(c, expected_cond) for c in network.conds)  # 2*B*N rows: uncond, then cond
+    assert {record.strength for record in kds.history} == {0.0, 0.3}  # gated by the CompVisDenoiser's t/T
 
 
 # --------------------------------------------------------------------------------------- the paper's Figure 2
 
 
 def test_figure2_kds_moves_particles_toward_their_modes(model):
-    """Paired over seeds: KDS (paper's gate, N=50, patch = the whole 2-D vector) vs the plain exact sampler."""
-    mixture = model.mixture
+    """Paired over seeds: KDS (paper's gate, N=50, patch = the whole 2-D vector) vs the plain exact sampler.
+
+    Items never interact (tested above), so all seeds run as one batch: seed s owns items 4s ... 4s+3.
+    """
+    mixture, seeds, items, n = model.mixture, 8, 4, 50
     sigmas = model.get_sigmas(20)
-    differences = []
-    for seed in range(8):
-        x = particle_noise(4, 50, (2,), sigmas[0], seed=100 + seed)
-        plain = kd.sampling.sample_euler(model, x, sigmas, disable=True)
-        steered = sample(kd.sampling.sample_euler, model, x, sigmas, KDS(num_particles=50), return_all=True,
-                         disable=True).particles
-        distance = [torch.cdist(p.double(), mixture.means).min(dim=1).values.mean() for p in (steered, plain)]
-        differences.append(float(distance[0] - distance[1]))
-    differences = torch.tensor(differences)
-    mean, standard_error = differences.mean(), differences.std() / len(differences) ** 0.5
+    x = torch.cat([particle_noise(items, n, (2,), sigmas[0], seed=100 + seed) for seed in range(seeds)])
+    kds = KDS(num_particles=n, record=True)
+    plain = kd.sampling.sample_euler(model, x, sigmas, disable=True)
+    steered = sample(kd.sampling.sample_euler, model, x, sigmas, kds, return_all=True, disable=True).particles
+    assert {record.strength for record in kds.history} == {0.0, 0.3}  # the gate closes during sampling
+
+    def distance_to_nearest_mode(particles):  # mean per seed
+        distance = torch.cdist(particles.double(), mixture.means).min(dim=1).values
+        return distance.reshape(seeds, items * n).mean(dim=1)
+
+    differences = distance_to_nearest_mode(steered) - distance_to_nearest_mode(plain)
+    mean, standard_error = differences.mean(), differences.std() / seeds**0.5
     # Measured: mean -0.015, standard error 0.001 (plain: 0.56 from the nearest mode).
     assert mean < -5 * standard_error and mean < -0.005
 
@@ -369,8 +587,8 @@ def test_bad_inputs(model):
     x = particle_noise(2, 4, (2,), sigmas[0], seed=17)
     with pytest.raises(ValueError, match="divisible|contiguous particles"):
         sample(kd.sampling.sample_euler, model, x[:7], sigmas, kds, disable=True)
-    with pytest.raises(ValueError, match=r"extra_args\['offset'\] has batch size 3"):
-        sample(kd.sampling.sample_euler, model, x, sigmas, kds, {"offset": torch.zeros(3, 2)}, disable=True)
+    with pytest.raises(ValueError, match=r"extra_args\['cond'\] has batch size 3"):
+        sample(kd.sampling.sample_euler, model, x, sigmas, kds, {"cond": torch.zeros(3, 2)}, disable=True)
     with pytest.raises(TypeError, match="not the name"):
         sample("sample_euler", model, x, sigmas, kds)
     with pytest.raises(ValueError, match="sigma_min, sigma_max, n"):
@@ -385,6 +603,12 @@ def test_bad_inputs(model):
         KDSDenoiser(model, {"num_particles": 4})
     with pytest.raises(ValueError, match="divisible"):
         KDSDenoiser(model, kds)(x[:6], sigmas[0].expand(6))
+    with pytest.raises(ValueError, match="steer every evaluation twice"):
+        KDSDenoiser(KDSDenoiser(model, kds), kds)
+    with pytest.raises(TypeError, match="takes neither sigmas nor sigma_min"):
+        sample(lambda model, x, steps: x, model, x, sigmas, kds)
+    with pytest.raises(ValueError, match="sample_euler needs sigmas"):
+        sample(kd.sampling.sample_euler, model, x, None, kds)
 
 
 def test_wrapper_forwards_attributes_and_module_calls(model):
@@ -395,3 +619,22 @@ def test_wrapper_forwards_attributes_and_module_calls(model):
     assert model.sigmas.dtype == torch.float64 and not model.training
     with pytest.raises(AttributeError):
         denoiser.no_such_attribute
+    twin = copy.deepcopy(denoiser)  # the copy's gate reads the copy's own schedule
+    assert twin.inner_model is not model and twin.sigma_to_t_frac.schedule is twin.inner_model
+    assert torch.equal(twin.get_sigmas(4), denoiser.get_sigmas(4))
+
+
+def test_docs_runnable_example_runs_as_written():
+    """The docs page's example, run by a fresh interpreter from the repository root, as a user would."""
+    code = doc_code_blocks("A runnable example")[0]
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=DOC.parents[1], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "(4, 2)"
+    pattern = r"mean distance to the nearest mode: plain ([0-9.]+), KDS ([0-9.]+)"
+    plain, steered = map(float, re.fullmatch(pattern, lines[1]).groups())
+    assert steered < plain
+    shown = re.search(pattern, doc_section("A runnable example").rsplit("```", 1)[1])  # what the page says
+    assert shown and [float(v) for v in shown.groups()] == pytest.approx([plain, steered], abs=0.002)
