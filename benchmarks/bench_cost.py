@@ -1,23 +1,34 @@
 """Cost of KDS against Best-of-N with the same N, sampler and UNet (the paper's Table 4: 28.4 s vs 27.3 s).
 
 Both sample N particles of one item with a tiny random diffusers ``UNet2DModel`` of realistic depth (4 down and
-4 up blocks, attention at 8x8) and diffusers' ``DDIMScheduler`` (eta = 0) in a manual loop:
+4 up blocks, attention at 8x8) and diffusers' ``DDIMScheduler`` (eta = 0), in the same loop
+``eps = UNet(z, t); z = scheduler.step(eps, t, z).prev_sample``:
 
-* Best-of-N: eps = UNet(z, t); ``scheduler.step``; at the end one particle is picked by a no-reference score.
-  The paper picks by LIQE, an image-quality network we do not have; here the picker is the particle with the
-  largest high-frequency energy (a sharpness proxy), which costs about as little as KDS's selection.
-* KDS: eps = UNet(z, t); x0 from eps; ``kds.steer_x0``; eps re-derived from the steered x0 (Alg. 2 lines 16-17);
-  ``scheduler.step``; at the end the particle closest to the ensemble mean (Eq. 9). Measured with the paper's
-  gate and with the gate always open (the worst case).
+* Best-of-N: the scheduler as it is; at the end one particle is picked by a no-reference score. The paper picks
+  by LIQE, an image-quality network we do not have; here the picker is the particle with the largest
+  high-frequency energy (a sharpness proxy), which costs about as little as KDS's selection.
+* KDS: the same scheduler steered by ``kds_hook.diffusers.apply_patch`` (the code path users run: x0 from eps,
+  ``steer_x0``, eps re-derived from the steered x0, Alg. 2 lines 16-17); at the end the particle closest to the
+  ensemble mean (Eq. 9). Measured with the paper's gate and with the gate always open (the worst case).
 
-Wall time: runs are interleaved (the order rotates every repeat) so that load from other processes hits all
-methods alike; each repeat gives one ratio against the Best-of-N run next to it, reported as mean ± SE. The time
-spent inside ``steer_x0`` is also accumulated, which is the overhead free of timing noise.
+Time: each repeat runs every method once, in an order that cycles through all permutations of the methods (so
+each method runs equally often in each position and after each other method), and the ratio of each KDS run to
+the Best-of-N run of the same repeat is the paired measurement; mean ± SE over repeats. Reported three ways:
+
+* wall time (what the issue asks for), which on a shared machine carries the other jobs' noise;
+* CPU time of this process (``time.process_time``; one thread with OMP_NUM_THREADS=1), which other jobs disturb
+  much less;
+* the overhead outside the UNet: (run time - time inside UNet calls) of KDS minus that of Best-of-N, over
+  Best-of-N's run time. The UNet calls are identical in both and dominate the noise; this is everything KDS
+  adds (the patch wrapper, x0/eps conversions, ``steer_x0``, selection), with the UNet's noise removed.
+
+The time inside ``steer_x0`` alone is also accumulated.
 
 Peak memory: on CPU torch allocates through the C allocator, which ``tracemalloc`` does not see, and a warm
-allocator reuses freed memory, which hides the peak. So each method runs once more in a fresh interpreter that
-reads its peak resident set size (``VmHWM`` in /proc/self/status, reset by writing 5 to /proc/self/clear_refs
-just before sampling) and reports the growth over its resident size at that moment (model already built).
+allocator reuses freed memory, which hides the peak. So each method runs in a fresh interpreter that reads its
+peak resident set size (``VmHWM`` in /proc/self/status, reset by writing 5 to /proc/self/clear_refs just before
+sampling) and reports the growth over its resident size at that moment (model built, code paths warmed up);
+interleaved over a few rounds, median per method.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cost.py [--quick] [--out DIR]
 """
@@ -25,10 +36,13 @@ just before sampling) and reports the growth over its resident size at that mome
 from __future__ import annotations
 
 import gc
+import itertools
 import os
+import statistics
 import subprocess
 import sys
 import time
+from typing import Dict, List, Optional
 
 from _common import parse_args, progress, write_markdown
 
@@ -38,6 +52,7 @@ from kds_hook import KDS
 from kds_hook.demo.report import fmt_mean_se, markdown_table
 
 CHANNELS = 4
+BEST_OF_N = "Best-of-N"
 
 
 def tiny_unet(channels: int, sample_size: int):
@@ -70,18 +85,44 @@ class TimedKDS(KDS):
         return out
 
 
+class TimedUNet:
+    """The UNet, accumulating the wall time of its calls."""
+
+    def __init__(self, unet):
+        self.unet = unet
+        self.seconds = 0.0
+
+    def __call__(self, z: torch.Tensor, t) -> torch.Tensor:
+        start = time.perf_counter()
+        out = self.unet(z, t).sample
+        self.seconds += time.perf_counter() - start
+        return out
+
+
+def unet_call(unet):
+    """The UNet as ``(z, t) -> eps``, untimed."""
+    return lambda z, t: unet(z, t).sample
+
+
+def make_scheduler(steps: int, kds: Optional[KDS]):
+    """A fresh DDIMScheduler, patched with ``kds`` when given (the same config for every method)."""
+    from diffusers import DDIMScheduler
+
+    from kds_hook.diffusers import apply_patch
+
+    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False)
+    scheduler.set_timesteps(steps)
+    if kds is not None:
+        apply_patch(scheduler, kds)
+    return scheduler
+
+
 @torch.no_grad()
-def sample(unet, scheduler, noise: torch.Tensor, kds=None) -> torch.Tensor:
-    alphas = scheduler.alphas_cumprod
+def sample(unet, scheduler, noise: torch.Tensor, kds: Optional[KDS]) -> torch.Tensor:
+    """One item's N particles; the same loop for every method, only the scheduler's patch differs."""
     z = noise
     for t in scheduler.timesteps:
-        eps = unet(z, t).sample
-        if kds is not None:
-            a = alphas[int(t)]
-            x0 = (z - (1 - a).sqrt() * eps) / a.sqrt()
-            x0 = kds.steer_x0(x0, t_frac=int(t) / len(alphas))
-            eps = (z - a.sqrt() * x0) / (1 - a).sqrt()
-        z = scheduler.step(eps, t, z, eta=0.0).prev_sample
+        z = scheduler.step(unet(z, t), t, z, eta=0.0).prev_sample
     if kds is not None:
         return kds.select(z).sample
     return z[sharpness_pick(z)]
@@ -96,33 +137,43 @@ def _status_kb(field: str) -> int:
 
 
 def setup(quick: bool):
-    from diffusers import DDIMScheduler
-
-    n, steps, repeats, size = (4, 4, 2, 16) if quick else (10, 20, 8, 32)
+    n, steps, repeats, size = (4, 4, 6, 16) if quick else (10, 20, 12, 32)
     unet = tiny_unet(CHANNELS, size)
-    scheduler = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", clip_sample=False)
-    scheduler.set_timesteps(steps)
     noise = torch.randn(n, CHANNELS, size, size, generator=torch.Generator().manual_seed(0))
     methods = {
-        "Best-of-N": lambda: None,
+        BEST_OF_N: lambda: None,
         "KDS (paper gate)": lambda: TimedKDS(num_particles=n),
         "KDS (always on)": lambda: TimedKDS(num_particles=n, threshold=0.0),
     }
-    return unet, scheduler, noise, methods, (n, steps, repeats, size)
+    return unet, noise, methods, (n, steps, repeats, size)
+
+
+def run_once(unet, noise, steps: int, make_kds) -> Dict[str, float]:
+    """Times one sampling run: wall, CPU, inside the UNet and inside ``steer_x0`` (seconds)."""
+    kds = make_kds()
+    scheduler = make_scheduler(steps, kds)
+    timed_unet = TimedUNet(unet)
+    wall, cpu = time.perf_counter(), time.process_time()
+    sample(timed_unet, scheduler, noise, kds)
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    return {"wall": wall, "cpu": cpu, "unet": timed_unet.seconds, "steer": 0.0 if kds is None else kds.seconds}
 
 
 def child_peak_memory(method: str, quick: bool) -> None:
     """In a fresh process: the growth of peak RSS over one sampling run (printed as the last line)."""
-    unet, scheduler, noise, methods, _ = setup(quick)
-    # One-time lazy initialisation (einops' torch backend, kernel registrations) is not KDS's working set: warm up
-    # on a tiny ensemble first, in every child alike.
-    warm = KDS(num_particles=2, threshold=0.0)
-    warm.select(warm.steer_x0(torch.randn(2, CHANNELS, 4, 4), t_frac=1.0))
+    unet, noise, methods, (n, steps, _, _) = setup(quick)
+    # One-time lazy initialisation (einops' torch backend, kernel registrations, the UNet's first-call buffers) is
+    # not a method's working set: every child first runs both code paths on a tiny 2-particle 8x8 ensemble alike.
+    small = noise[:2, :, :8, :8].clone()
+    for warm_kds in (None, KDS(num_particles=2, threshold=0.0)):
+        sample(unet_call(unet), make_scheduler(2, warm_kds), small, warm_kds)
+    kds = methods[method]()
+    scheduler = make_scheduler(steps, kds)
     gc.collect()
     base = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
-    sample(unet, scheduler, noise, methods[method]())
+    sample(unet_call(unet), scheduler, noise, kds)
     print((_status_kb("VmHWM") - base) / 1024)
 
 
@@ -132,7 +183,7 @@ def peak_memory(method: str, quick: bool) -> float:
     try:
         out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, check=True, capture_output=True, text=True)
         return float(out.stdout.strip().splitlines()[-1])
-    except (subprocess.CalledProcessError, ValueError, OSError) as err:
+    except (subprocess.CalledProcessError, ValueError, OSError, IndexError) as err:
         progress(f"peak memory of {method} not measured: {err}")
         return float("nan")
 
@@ -141,51 +192,61 @@ def main() -> None:
     args = parse_args(__doc__.split("\n")[0])
     if os.environ.get("OMP_NUM_THREADS") != "1":
         progress("warning: run with OMP_NUM_THREADS=1 for comparable numbers")
-    unet, scheduler, noise, methods, (n, steps, repeats, size) = setup(args.quick)
+    unet, noise, methods, (n, steps, repeats, size) = setup(args.quick)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
-    sample(unet, scheduler, noise, TimedKDS(num_particles=n))  # warm-up: first-call allocations and caches
     names = list(methods)
-    times = {name: [] for name in names}
-    steer = {name: [] for name in names}
+    for name in names:  # warm-up: first-call allocations and caches of every code path
+        run_once(unet, noise, steps, methods[name])
+    orders = list(itertools.permutations(names))
+    runs: Dict[str, List[Dict[str, float]]] = {name: [] for name in names}
     for rep in range(repeats):
-        order = names[rep % len(names):] + names[: rep % len(names)]
-        for name in order:
-            kds = methods[name]()
-            start = time.perf_counter()
-            sample(unet, scheduler, noise, kds)
-            times[name].append(time.perf_counter() - start)
-            steer[name].append(0.0 if kds is None else kds.seconds)
-            progress(f"repeat {rep + 1}/{repeats} {name}: {times[name][-1]:.2f} s")
-    peaks = {}
-    for name in names:
-        peaks[name] = peak_memory(name, args.quick)
-        progress(f"peak memory {name}: +{peaks[name]:.1f} MiB")
+        for name in orders[rep % len(orders)]:
+            runs[name].append(run_once(unet, noise, steps, methods[name]))
+            progress(f"repeat {rep + 1}/{repeats} {name}: {runs[name][-1]['wall']:.2f} s")
+    rounds = 3
+    peaks: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in orders[r % len(orders)]:
+            peaks[name].append(peak_memory(name, args.quick))
+            progress(f"peak memory {name} (round {r + 1}/{rounds}): +{peaks[name][-1]:.1f} MiB")
+    peak = {name: statistics.median(values) for name, values in peaks.items()}
 
-    bon_t = torch.tensor(times["Best-of-N"], dtype=torch.float64)
+    def series(name: str, key: str) -> torch.Tensor:
+        return torch.tensor([run[key] for run in runs[name]], dtype=torch.float64)
+
+    bon = {key: series(BEST_OF_N, key) for key in ("wall", "cpu", "unet")}
     rows = []
     for name in names:
-        t = torch.tensor(times[name], dtype=torch.float64)
-        s = torch.tensor(steer[name], dtype=torch.float64)
-        kds_row = name != "Best-of-N"
+        wall, cpu = series(name, "wall"), series(name, "cpu")
+        if name == BEST_OF_N:
+            rows.append([name, fmt_mean_se(wall, 2), "", "", "", "", f"{peak[name]:.1f}", ""])
+            continue
+        outside = (wall - series(name, "unet")) - (bon["wall"] - bon["unet"])
         rows.append([
             name,
-            fmt_mean_se(t, 2),
-            fmt_mean_se(100 * (t / bon_t - 1), 2, signed=True) if kds_row else "",
-            fmt_mean_se(100 * s / t, 2) if kds_row else "",
-            f"{peaks[name]:.1f}",
-            f"{100 * (peaks[name] / peaks['Best-of-N'] - 1):+.1f}" if kds_row and peaks["Best-of-N"] > 0 else "",
+            fmt_mean_se(wall, 2),
+            fmt_mean_se(100 * (wall / bon["wall"] - 1), 2, signed=True),
+            fmt_mean_se(100 * (cpu / bon["cpu"] - 1), 2, signed=True),
+            fmt_mean_se(100 * outside / bon["wall"], 2, signed=True),
+            fmt_mean_se(100 * series(name, "steer") / wall, 2),
+            f"{peak[name]:.1f}",
+            f"{100 * (peak[name] / peak[BEST_OF_N] - 1):+.1f}" if peak[BEST_OF_N] > 0 else "",
         ])
     table = markdown_table(
-        ["method", "wall time (s)", "time vs Best-of-N (%)", "time inside steer_x0 (%)", "peak RSS growth (MiB)", "peak vs Best-of-N (%)"],
+        ["method", "wall time (s)", "wall time vs Best-of-N (%)", "CPU time vs Best-of-N (%)",
+         "overhead outside the UNet (% of Best-of-N)", "time inside steer_x0 (%)", "peak RSS growth (MiB)",
+         "peak vs Best-of-N (%)"],
         rows,
     )
     body = (
         f"N={n} particles of a {CHANNELS}x{size}x{size} latent, DDIM {steps} steps, UNet2DModel with 4 down/4 up "
         f"blocks ({params:.1f} M random parameters), CPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-        f"{repeats} interleaved repeats (mean ± SE; the time ratio is paired per repeat). torch {torch.__version__}.\n\n"
-        + table
+        f"{repeats} repeats cycling through all {len(orders)} orders of the methods (mean ± SE; every ratio is "
+        f"paired within a repeat); peak memory: median of {rounds} fresh processes per method. "
+        f"torch {torch.__version__}.\n\n" + table
     )
-    write_markdown(args.out, "cost", "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cost.py" + (" --quick" if args.quick else ""), body, args.quick)
+    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cost.py" + (" --quick" if args.quick else "")
+    write_markdown(args.out, "cost", command, body, args.quick)
 
 
 if __name__ == "__main__":

@@ -53,15 +53,27 @@ def main() -> None:
     images, size, steps, n = (8, 4, 10, 5) if args.quick else (64, 8, 50, 10)
     result = run_restoration(CONFIGS, num_images=images, size=size, num_particles=n, num_steps=steps, progress=progress)
     plain = result.metrics["plain"]
-    rows = []
+    rows, split = [], []
     for name in CONFIGS:
         out = result.metrics[name]["psnr_selected"]
         for key, what in (("psnr_worst", "worst plain particle"), ("psnr_selected", "plain output (closest-to-mean)")):
             diff = out - plain[key]
             rows.append([name, what, fmt_mean_se(out, 2), fmt_mean_se(plain[key], 2), fmt_mean_se(diff, 3, signed=True),
                          f"{100 * float((diff > 0).double().mean()):.0f}"])
+        # Like-for-like, split by whether steering changed which particle is closest to the mean.
+        diff = out - plain["psnr_selected"]
+        same = result.metrics[name]["selected_index"] == plain["selected_index"]
+        cells = [name]
+        for mask in (same, ~same):
+            count = int(mask.sum())
+            cells += [str(count), fmt_mean_se(diff[mask], 3, signed=True) if count > 1 else "",
+                      f"{100 * float((diff[mask] > 0).double().mean()):.0f}" if count else ""]
+        split.append(cells)
     table = markdown_table(
         ["KDS run", "compared with", "KDS output PSNR", "plain PSNR", "paired difference", "% images KDS better"], rows
+    ) + "\n\nKDS output against the plain output, split by whether both select the same particle (index):\n\n" + markdown_table(
+        ["KDS run", "images, same particle", "difference there", "% KDS better there",
+         "images, other particle", "difference there", "% KDS better there"], split
     )
     plot(result, os.path.join(args.out, "robustness.png"))
     body = (

@@ -1,6 +1,7 @@
 """The demo's sampler, its paired experiments, and a quick run of `kds-hook demo` through the real CLI."""
 
 import os
+import shutil
 
 import pytest
 import torch
@@ -15,6 +16,15 @@ from kds_hook.demo.sampler import ddim_sample, ddim_timesteps, ddpm_alphas_cumpr
 from kds_hook.demo.toy import run_toy, toy_metrics
 
 N = 8
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Small float64 tensors: extra threads only spin, and on a busy 2-core machine make these tests ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def toy_setup(items=3, seed=0):
@@ -86,6 +96,7 @@ def test_toy_metrics_on_known_points():
     torch.testing.assert_close(m["distance"], torch.tensor([0.0, 1.0], dtype=torch.float64))
     # (0, 0) is 2 from its nearest mode, beyond 3 std = 1.5: half of item 1 lies between modes.
     torch.testing.assert_close(m["between"], torch.tensor([0.0, 0.5], dtype=torch.float64))
+    torch.testing.assert_close(m["occupancy"], torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], dtype=torch.float64))
     torch.testing.assert_close(m["occupancy_tv"][0], torch.tensor(0.5 * (0.0 + 0.2 + 0.2), dtype=torch.float64))
 
 
@@ -103,7 +114,12 @@ def test_kds_without_gate_improves_every_particle_on_the_exact_posterior_problem
 
 def test_quick_demo_through_the_cli(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    torch.set_num_threads(2)
+    try:
+        assert main(["demo", "--out", str(out), "--quick"]) == 0
+        assert torch.get_num_threads() == 2  # the demo runs on one thread and restores the caller's setting
+    finally:
+        torch.set_num_threads(1)
     for name in OUTPUT_FILES:
         assert (out / name).stat().st_size > 0, name
     with open(out / "figure2.png", "rb") as f:
@@ -111,22 +127,70 @@ def test_quick_demo_through_the_cli(tmp_path, capsys):
     restoration = (out / "restoration.md").read_text()
     for row in ("| plain |", "| KDS h=0.3 |", "| KDS auto |", "*posterior mean (MMSE)*", "*posterior mode*", "KDS h=0.3 - plain"):
         assert row in restoration, row
-    assert "| KDS h=0.3 - plain |" in (out / "figure2.md").read_text()
+    for column in ("PSNR random", "PSNR worst", "PSNR N-average", "PSNR closest-to-mean", "log-density", "low-density"):
+        assert column in restoration, column
+    figure2 = (out / "figure2.md").read_text()
+    assert "| KDS h=0.3 - plain |" in figure2 and "mode occupancy (true 0.50 / 0.30 / 0.20)" in figure2
+    assert (out / "README.md").read_text().startswith("# kds-hook demo\n\nRegenerate with `kds-hook demo --quick`")
     printed = capsys.readouterr().out
     assert "part 2 (restoration" in printed and "| plain |" in printed  # progress and tables on stdout
-    # Its own outputs are replaced on a second run.
+    # Its own, unchanged outputs are replaced on a second run.
     assert main(["demo", "--out", str(out), "--quick"]) == 0
+
+
+@pytest.fixture(scope="module")
+def demo_folder(tmp_path_factory):
+    """One quick demo run; tests copy its folder rather than rerun it."""
+    out = tmp_path_factory.mktemp("demo") / "out"
+    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    return out
 
 
 def test_demo_refuses_to_overwrite_files_it_did_not_write(tmp_path):
     out = tmp_path / "mine"
     out.mkdir()
     (out / "README.md").write_text("my notes")
+    (out / "data.csv").write_text("1,2")
     with pytest.raises(SystemExit, match="README.md"):
         main(["demo", "--out", str(out), "--quick"])
     assert (out / "README.md").read_text() == "my notes"
-    assert sorted(os.listdir(out)) == ["README.md"]
+    assert sorted(os.listdir(out)) == ["README.md", "data.csv"]  # nothing written, not even the marker
+    assert main(["demo", "--out", str(out), "--quick", "--force"]) == 0
+    assert (out / "README.md").read_text().startswith("# kds-hook demo")
+    assert (out / "data.csv").read_text() == "1,2"  # files with other names are never touched
     file_path = tmp_path / "a-file"
     file_path.write_text("x")
     with pytest.raises(SystemExit, match="not a directory"):
         main(["demo", "--out", str(file_path), "--quick"])
+    assert file_path.read_text() == "x"
+
+
+def test_demo_keeps_its_own_outputs_once_the_user_edited_them(tmp_path, demo_folder):
+    out = tmp_path / "demo"
+    shutil.copytree(demo_folder, out)
+    (out / "restoration.md").write_text("annotated by hand")
+    with pytest.raises(SystemExit, match="restoration.md"):
+        main(["demo", "--out", str(out), "--quick"])
+    assert (out / "restoration.md").read_text() == "annotated by hand"
+
+
+def test_demo_refuses_a_marker_it_did_not_write(tmp_path, demo_folder):
+    out = tmp_path / "demo"
+    shutil.copytree(demo_folder, out)
+    (out / ".kds-hook-demo").write_text("someone else's file")
+    with pytest.raises(SystemExit, match="kds-hook-demo"):
+        main(["demo", "--out", str(out), "--quick"])
+    assert (out / ".kds-hook-demo").read_text() == "someone else's file"
+
+
+def test_demo_writes_nothing_when_it_fails(tmp_path, monkeypatch):
+    import kds_hook.demo.restoration as restoration
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(restoration, "run_restoration", broken)
+    out = tmp_path / "demo"
+    with pytest.raises(RuntimeError, match="boom"):
+        main(["demo", "--out", str(out), "--quick"])
+    assert os.listdir(out) == []

@@ -11,6 +11,15 @@ from kds_hook.demo.posterior import LinearRestoration, MixturePrior, default_pro
 C, M, K = 3, 2, 3
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """Small float64 tensors: extra threads only spin, and on a busy 2-core machine make these tests ~10x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def random_problem(seed=0, noise_std=0.3):
     """Full-covariance components and a generic (non-diagonal) operator."""
     gen = torch.Generator().manual_seed(seed)
@@ -106,6 +115,25 @@ def test_denoiser_limits():
     torch.testing.assert_close(post.denoise(x, 0.0), x, rtol=0, atol=1e-12)  # no noise: x is x0
     far = post.denoise(x, 1e6)  # all information from x gone: the posterior mean
     torch.testing.assert_close(far, post.mean().expand(5, C, 1, 1), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("sigma", [0.0, 0.3, 2.0])
+def test_core_mixture_log_prob_and_denoiser_are_exact(sigma):
+    """analytic.GaussianMixture: log p_sigma by its definition, and E[x0 | x] = x + sigma^2 grad log p_sigma."""
+    mixture = GaussianMixture([[0.0, 1.0], [2.0, -1.0]], [[0.3, 0.5], [0.6, 0.2]], [0.7, 0.3])
+    x = torch.randn(8, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(11)).requires_grad_()
+    expected = torch.stack(
+        [
+            mixture.weights[k].log()
+            + gaussian_log_pdf(x.detach(), mixture.means[k], torch.diag(mixture.stds[k].square() + sigma**2))
+            for k in range(2)
+        ],
+        -1,
+    ).logsumexp(-1)
+    torch.testing.assert_close(mixture.log_prob(x.detach(), sigma), expected, rtol=0, atol=1e-12)
+    if sigma > 0:
+        (grad,) = torch.autograd.grad(mixture.log_prob(x, sigma).sum(), x)
+        torch.testing.assert_close(mixture.denoise(x.detach(), sigma), x.detach() + sigma**2 * grad, rtol=0, atol=1e-12)
 
 
 def test_samples_have_the_posterior_mean_and_covariance():

@@ -3,22 +3,30 @@
 Part 1 is the paper's Figure 2 (three 2-D Gaussians, exact score, N = 50); part 2 is a restoration problem with
 an exact posterior (:mod:`kds_hook.demo.posterior`). Both compare plain DDIM and DDIM + KDS from the same
 initial noise and report paired differences. Outputs in ``--out`` (default ``./kds-demo``): ``figure2.png``,
-``figure2.md``, ``restoration.md`` and ``README.md`` (both tables); no other file is touched.
+``figure2.md``, ``restoration.md`` and ``README.md`` (both tables), and a marker ``.kds-hook-demo`` that records
+what was written. No other file is touched, and a same-named file is replaced only if the marker shows it is
+unchanged since the demo wrote it (or with ``--force``).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import io
+import json
 import os
-import sys
 import time
-from typing import Callable, Dict
+from typing import Callable, Dict, Optional
+
+import torch
 
 __all__ = ["register", "run_demo", "OUTPUT_FILES"]
 
 OUTPUT_FILES = ("figure2.png", "figure2.md", "restoration.md", "README.md")
-# Written into the output folder; its presence marks our own earlier outputs as safe to replace.
+# Written into the output folder last: the SHA-256 of every file the demo wrote. A file whose content still has
+# its recorded hash is ours and may be replaced; anything else (a user's file, or ours edited since) is not.
 _MARKER = ".kds-hook-demo"
+_MARKER_HEADER = "outputs of `kds-hook demo` (SHA-256 of each file it wrote; it may replace exactly these)"
 
 # The paper's setting (delta = 0.3 while t/T >= 0.3) with its h and "auto", and the same without the gate
 # (threshold 0), which shows how much of the effect the gate leaves out on these problems.
@@ -43,28 +51,84 @@ def register(commands) -> None:
     parser = commands.add_parser(
         "demo",
         help="run the offline demo (Figure 2 toy and an exact-posterior restoration problem)",
-        description=__doc__.split("\n\n")[1],
+        description=(
+            "Offline evidence on problems with a known answer: the paper's Figure 2 (three 2-D Gaussians, exact "
+            "score, N=50) and a restoration problem with an exact posterior, each comparing plain DDIM with DDIM + "
+            "KDS from the same noise (paired, over seeds). Prints progress and tables; writes figure2.png, "
+            "figure2.md, restoration.md, README.md and a marker .kds-hook-demo into --out. A same-named file is "
+            "replaced only if the marker shows the demo wrote it and it is unchanged since (or with --force); "
+            "nothing else is touched."
+        ),
     )
     parser.add_argument("--out", default="kds-demo", help="output directory (default ./kds-demo)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes and few seeds (a smoke test, seconds)")
-    parser.add_argument("--force", action="store_true", help="replace same-named files not written by the demo")
+    parser.add_argument(
+        "--force", action="store_true",
+        help="replace same-named files even if the demo did not write them (or they changed since)",
+    )
     parser.set_defaults(func=main)
 
 
+def _sha256(path: str) -> str:
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def _recorded_hashes(out: str) -> Optional[Dict[str, str]]:
+    """{file name: SHA-256} from our marker in ``out``; {} without a marker; None if the marker is not ours."""
+    path = os.path.join(out, _MARKER)
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path) as f:
+            record = json.load(f)
+        hashes = record["sha256"]
+        if record.get("written_by") != _MARKER_HEADER or not isinstance(hashes, dict):
+            return None
+        return {str(k): str(v) for k, v in hashes.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _prepare_out(out: str, force: bool) -> None:
-    """Creates ``out``; refuses to replace a same-named file the demo did not write, unless forced."""
+    """Creates ``out``; refuses to replace a file the demo did not write (or that changed since), unless forced."""
     if os.path.exists(out) and not os.path.isdir(out):
         raise SystemExit(f"kds-hook demo: --out {out!r} exists and is not a directory")
-    os.makedirs(out, exist_ok=True)
-    ours = os.path.exists(os.path.join(out, _MARKER))
-    clashes = [name for name in OUTPUT_FILES if os.path.exists(os.path.join(out, name))]
-    if clashes and not ours and not force:
+    if force:
+        os.makedirs(out, exist_ok=True)
+        return
+    recorded = _recorded_hashes(out) if os.path.isdir(out) else {}
+    if recorded is None:
         raise SystemExit(
-            f"kds-hook demo: {out!r} already holds {', '.join(clashes)}, not written by the demo; "
+            f"kds-hook demo: {os.path.join(out, _MARKER)!r} exists but was not written by the demo; "
+            "choose another --out or pass --force to replace it"
+        )
+    clashes = [
+        name for name in OUTPUT_FILES
+        if os.path.exists(os.path.join(out, name)) and recorded.get(name) != _sha256(os.path.join(out, name))
+    ]
+    if clashes:
+        raise SystemExit(
+            f"kds-hook demo: {out!r} already holds {', '.join(clashes)}, not written by the demo or changed since; "
             "choose another --out or pass --force to replace them"
         )
+    os.makedirs(out, exist_ok=True)
+
+
+def _write_marker(out: str, paths: Dict[str, str]) -> None:
+    record = {"written_by": _MARKER_HEADER, "sha256": {name: _sha256(path) for name, path in paths.items()}}
     with open(os.path.join(out, _MARKER), "w") as f:
-        f.write("outputs of `kds-hook demo`; the demo may replace: " + " ".join(OUTPUT_FILES) + "\n")
+        json.dump(record, f, indent=1)
+        f.write("\n")
+
+
+def _check_matplotlib() -> None:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise SystemExit(
+            "kds-hook demo needs matplotlib for its figure: pip install 'kds-hook[demo]'"
+        ) from None
 
 
 def _print(message: str) -> None:
@@ -77,12 +141,25 @@ def run_demo(
     """Runs both parts, writes the outputs into ``out`` and returns {file name: path}.
 
     ``quick`` shrinks every size (for tests); the tables then carry a warning that they are not the
-    documented numbers.
+    documented numbers. Files the demo did not write are never replaced unless ``force``; see the module
+    docstring.
     """
+    _check_matplotlib()
+    _prepare_out(out, force)
+    # Every tensor here is small (at most a few hundred kB): threads only add synchronisation, and on a busy
+    # machine torch's spinning worker threads made the demo ~7x slower. One thread gives identical numbers.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _run(out, quick, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(out: str, quick: bool, log: Callable[[str], None]) -> Dict[str, str]:
     from .restoration import restoration_tables, run_restoration
     from .toy import plot_toy, run_toy, toy_tables
 
-    _prepare_out(out, force)
     start = time.perf_counter()
 
     def progress(message: str) -> None:
@@ -99,9 +176,9 @@ def run_demo(
         TOY_CONFIGS, num_seeds=sizes["toy_seeds"], num_particles=sizes["toy_particles"],
         num_steps=sizes["steps"], progress=progress,
     )
-    paths = {name: os.path.join(out, name) for name in OUTPUT_FILES}
     progress("part 1: plotting figure2.png")
-    plot_toy(toy, ["KDS h=0.3", "KDS h=0.3, no gate"], paths["figure2.png"])
+    figure = io.BytesIO()  # files are written together at the end, so a failed run leaves the folder as it was
+    plot_toy(toy, ["KDS h=0.3", "KDS h=0.3, no gate"], figure)
     toy_md = (
         "## Part 1: the paper's Figure 2 (three 2-D Gaussians, exact score, DDIM "
         f"{sizes['steps']} steps, eta=0, delta=0.3 while t/T >= 0.3)\n\n" + toy_tables(toy) + note
@@ -118,13 +195,21 @@ def run_demo(
         f"{sizes['steps']} steps, patch size 1, delta=0.3 while t/T >= 0.3)\n\n"
         + restoration_tables(restoration) + note + "\n"
     )
-    with open(paths["figure2.md"], "w") as f:
-        f.write(toy_md)
-    with open(paths["restoration.md"], "w") as f:
-        f.write(restoration_md)
-    with open(paths["README.md"], "w") as f:
-        f.write("# kds-hook demo\n\nRegenerate with `kds-hook demo" + (" --quick" if quick else "")
-                + "`.\n\n" + toy_md + "\n" + restoration_md)
+    readme = (
+        "# kds-hook demo\n\nRegenerate with `kds-hook demo" + (" --quick" if quick else "") + "`.\n\n"
+        + toy_md + "\n" + restoration_md
+    )
+    contents = {
+        "figure2.png": figure.getvalue(),
+        "figure2.md": toy_md.encode(),
+        "restoration.md": restoration_md.encode(),
+        "README.md": readme.encode(),
+    }
+    paths = {name: os.path.join(out, name) for name in OUTPUT_FILES}
+    for name, data in contents.items():
+        with open(paths[name], "wb") as f:
+            f.write(data)
+    _write_marker(out, paths)
     log("\n" + toy_md + "\n" + restoration_md)
     progress(f"done: outputs in {os.path.abspath(out)}")
     return paths

@@ -78,13 +78,13 @@ def score_particles(x: torch.Tensor, inst: RestorationInstance, num_particles: i
 
     PSNR of particle 0 (particles are exchangeable, so a random one; paired across runs by its noise), of the
     worst particle, of the N-particle average and of the particle closest to the ensemble mean (Eq. 9, the
-    KDS output); log-density and low-density % of that selected output.
+    KDS output); log-density and low-density % of that selected output; and that particle's index.
     """
     g = inst.truth.shape[0]
     per_particle = psnr(x, inst.truth).reshape(g, num_particles)
     average = x.reshape(g, num_particles, *x.shape[1:]).mean(1)
-    selected = select_particles(x, num_particles, "mean").sample
-    chosen = score_estimate(selected, inst)
+    selection = select_particles(x, num_particles, "mean")
+    chosen = score_estimate(selection.sample, inst)
     return {
         "psnr_random": per_particle[:, 0],
         "psnr_worst": per_particle.min(1).values,
@@ -92,6 +92,7 @@ def score_particles(x: torch.Tensor, inst: RestorationInstance, num_particles: i
         "psnr_selected": chosen["psnr"],
         "log_density": chosen["log_density"],
         "low_density": chosen["low_density"],
+        "selected_index": selection.index,
     }
 
 

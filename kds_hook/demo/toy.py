@@ -7,7 +7,7 @@ problem) and each seed is one ensemble of N particles. Plain and KDS runs start 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import IO, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
@@ -23,11 +23,11 @@ _BETWEEN_MODES_STDS = 3.0
 
 
 def toy_metrics(x: torch.Tensor, mixture: GaussianMixture, num_particles: int) -> Dict[str, torch.Tensor]:
-    """Per-ensemble metrics of samples x (S*N, 2), each a tensor of shape (S,).
+    """Per-ensemble metrics of samples x (S*N, 2): tensors of shape (S,), and (S, K) for ``occupancy``.
 
-    ``distance``: mean distance to the nearest mode mean. ``occupancy_tv``: total-variation distance between
-    the fraction of particles nearest each mode and the true weights. ``between``: fraction of particles
-    farther than 3 standard deviations (the mode's largest) from every mode mean.
+    ``distance``: mean distance to the nearest mode mean. ``occupancy``: the fraction of particles nearest each
+    mode. ``occupancy_tv``: total-variation distance between that occupancy and the true weights. ``between``:
+    fraction of particles farther than 3 standard deviations (the mode's largest) from every mode mean.
     """
     dist = torch.cdist(x.double(), mixture.means)  # (S*N, K)
     nearest_dist, nearest = dist.min(dim=1)
@@ -37,6 +37,7 @@ def toy_metrics(x: torch.Tensor, mixture: GaussianMixture, num_particles: int) -
     radius = _BETWEEN_MODES_STDS * mixture.stds.max(dim=1).values[nearest]
     return {
         "distance": nearest_dist.reshape(seeds, num_particles).mean(1),
+        "occupancy": counts,
         "occupancy_tv": 0.5 * (counts - mixture.weights).abs().sum(1),
         "between": (nearest_dist > radius).double().reshape(seeds, num_particles).mean(1),
     }
@@ -87,8 +88,11 @@ def toy_tables(result: ToyResult) -> str:
     """Markdown: absolute metrics (mean ± SE over seeds) and paired differences KDS - plain."""
     names = list(result.metrics)
     headers = ["sampler"] + [label for _, label, _, _ in _TOY_COLUMNS]
+    weights = " / ".join(f"{float(w):.2f}" for w in three_gaussians().weights)
     absolute = [
-        [name] + [fmt_mean_se(result.metrics[name][key] * scale, digits) for key, _, digits, scale in _TOY_COLUMNS]
+        [name]
+        + [fmt_mean_se(result.metrics[name][key] * scale, digits) for key, _, digits, scale in _TOY_COLUMNS]
+        + [" / ".join(f"{float(f):.3f}" for f in result.metrics[name]["occupancy"].mean(0))]
         for name in names
     ]
     plain = result.metrics["plain"]
@@ -101,19 +105,20 @@ def toy_tables(result: ToyResult) -> str:
         for name in names
         if name != "plain"
     ]
-    seeds = next(iter(plain.values())).numel()
+    seeds = plain["distance"].numel()
     return (
         f"Mean ± standard error over {seeds} seeds (each an ensemble of N={result.num_particles} particles); "
-        "true weights 0.5 / 0.3 / 0.2; 'between modes' = farther than 3 std from every mode (1.1 % of exact "
+        f"true weights {weights}; 'between modes' = farther than 3 std from every mode (1.1 % of exact "
         "samples).\n\n"
-        + markdown_table(headers, absolute)
+        + markdown_table(headers + [f"mode occupancy (true {weights})"], absolute)
         + "\n\nPaired differences (same initial noise), negative = KDS lower:\n\n"
         + markdown_table(["difference"] + headers[1:], paired)
     )
 
 
-def plot_toy(result: ToyResult, kds_names: Sequence[str], path: str) -> None:
-    """Scatter panels of plain DDIM and of each run in ``kds_names``, all from the same noise, saved as PNG."""
+def plot_toy(result: ToyResult, kds_names: Sequence[str], path: Union[str, IO[bytes]]) -> None:
+    """Scatter panels of plain DDIM and of each run in ``kds_names``, all from the same noise, saved as PNG
+    to ``path`` (a file name or a binary file object)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,5 +151,5 @@ def plot_toy(result: ToyResult, kds_names: Sequence[str], path: str) -> None:
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
