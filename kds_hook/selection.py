@@ -54,7 +54,8 @@ def select_particles(
     particle inside the densest mode instead.
 
     Distances are computed in float32 (float64 stays float64); ``sample`` is taken from ``x`` itself, in its
-    own dtype. Ties go to the lowest index. Items never interact.
+    own dtype. Ties go to the lowest index. Items never interact. At N = 2 every method is a tie (two particles
+    are symmetric), decided by rounding: use N >= 3 when the selection matters.
     """
     num_particles = check_num_particles(num_particles)
     batch = check_particle_batch(x, num_particles)
