@@ -8,6 +8,7 @@ Outputs are compared exactly with the plain diffusers pipeline where the math ma
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,6 +26,7 @@ from kds_hook.restore import DEFAULT_INPAINT_MODEL  # noqa: E402
 from tiny_pipelines import tiny_ldm_sr_pipeline, tiny_sd_pipeline  # noqa: E402
 
 FAST = ["--steps", "2", "--particles", "2", "--seed", "3"]
+CPU = ["--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -54,8 +56,10 @@ def pixels(path: Path) -> np.ndarray:
 
 
 def cli(capsys, *argv) -> tuple:
-    """(exit code, stdout, stderr) of ``kds-hook ARGV`` run in-process."""
-    code = main([str(a) for a in argv])
+    """(exit code, stdout, stderr) of ``kds-hook ARGV`` run in-process, on the CPU unless ARGV names a device (the
+    comparisons with the plain pipeline are exact in float32 on the CPU; --device auto would pick a GPU)."""
+    argv = [str(a) for a in argv]
+    code = main(argv if "--device" in argv else argv + ["--device", "cpu"])
     captured = capsys.readouterr()
     return code, captured.out, captured.err
 
@@ -102,8 +106,10 @@ def test_upscale_output_is_exactly_4x_in_the_input_mode(capsys, tmp_path, sr_dir
             with Image.open(source) as original:
                 expected = original.getchannel("A").resize(result.size, Image.LANCZOS)
             assert np.array_equal(np.asarray(result.getchannel("A")), np.asarray(expected))
-    assert f"({width}x{height} -> {4 * width}x{4 * height})" in stdout
-    assert "2 particles, selected particle" in stdout
+    # One summary line: sizes, time, particles, the selected particle, the seed to repeat the run.
+    assert re.fullmatch(rf"upscaled {re.escape(str(source))} -> {re.escape(str(out))} \({width}x{height} -> "
+                        rf"{4 * width}x{4 * height}\) in \d+\.\d s: KDS, 2 particles, selected particle [01], seed 3\n",
+                        stdout), stdout
 
 
 def test_one_particle_is_bit_identical_to_the_plain_pipeline(capsys, tmp_path, sr_dir):
@@ -149,13 +155,62 @@ def test_same_seed_same_output_other_seed_other_output(capsys, tmp_path, sr_dir)
 
 def test_several_inputs_go_to_a_directory(capsys, tmp_path, sr_dir):
     sources = [write_image(tmp_path / "x.png", 4, 4), write_image(tmp_path / "y.jpg", 6, 4, seed=1)]
+    Image.open(sources[1]).save(sources[1], icc_profile=b"a colour profile")
     out = tmp_path / "results"
     code, stdout, _ = cli(capsys, "upscale", *sources, "-o", out, "--model", sr_dir, *FAST,
                           "--sampler", "dpmpp", "--max-batch-size", "1")
     assert code == 0
     assert sorted(p.name for p in out.iterdir()) == ["x_upscaled.png", "y_upscaled.png"]
     assert Image.open(out / "y_upscaled.png").size == (24, 16)
+    assert Image.open(out / "y_upscaled.png").info.get("icc_profile") == b"a colour profile"  # colours kept
     assert stdout.count("selected particle") == 2
+
+
+def test_16_bit_grayscale_is_scaled_to_8_bits_not_clipped(capsys, tmp_path, sr_dir):
+    levels = np.random.default_rng(4).integers(0, 256, (6, 7), dtype=np.uint16)
+    Image.fromarray(levels * 257).save(tmp_path / "deep.png")  # 16-bit PNG: PIL opens it as I;16
+    Image.fromarray(levels.astype(np.uint8), "L").save(tmp_path / "flat.png")
+    for name in ("deep", "flat"):
+        assert cli(capsys, "upscale", tmp_path / f"{name}.png", "-o", tmp_path / f"{name}_x4.png", "--model", sr_dir,
+                   *FAST)[0] == 0
+    # PIL's own conversion would clip every level above 255 to white: the model would see a blank image.
+    assert np.array_equal(pixels(tmp_path / "deep_x4.png"), pixels(tmp_path / "flat_x4.png"))
+    assert Image.open(tmp_path / "deep_x4.png").mode == "L"
+
+
+def test_bfloat16_and_max_batch_size(capsys, tmp_path, sr_dir):
+    source = write_image(tmp_path / "in.png", 5, 7)
+    common = ["--model", sr_dir, "--steps", "2", "--particles", "3", "--seed", "2", "--bandwidth", "auto"]
+    # The pipeline's own PIL conversion cannot take bfloat16; the command converts the images itself.
+    code, stdout, _ = cli(capsys, "upscale", source, "-o", tmp_path / "bf16.png", *common, "--dtype", "bfloat16")
+    assert code == 0 and Image.open(tmp_path / "bf16.png").size == (20, 28)
+
+    outputs = {}
+    for name, extra in (("whole", []), ("chunked", ["--max-batch-size", "1"])):
+        code, stdout, _ = cli(capsys, "upscale", source, "-o", tmp_path / f"{name}.png", *common, *extra)
+        assert code == 0
+        outputs[name] = (pixels(tmp_path / f"{name}.png").astype(int), stdout.split("selected particle ")[1][0])
+    # One particle per UNet call gives the same run, up to float rounding of differently batched convolutions.
+    assert outputs["whole"][1] == outputs["chunked"][1]
+    assert np.abs(outputs["whole"][0] - outputs["chunked"][0]).max() <= 2
+
+
+def test_euler_scales_the_noisy_latent_but_not_the_low_res_image(sr_dir):
+    from diffusers import EulerDiscreteScheduler
+
+    from kds_hook.restore import _scale_latent_channels_only
+
+    reference = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
+    scheduler = EulerDiscreteScheduler.from_config(reference.config)
+    for sched in (reference, scheduler):
+        sched.set_timesteps(4)
+    _scale_latent_channels_only(scheduler, 3)
+    sample = torch.randn(2, 6, 4, 4)
+    t = scheduler.timesteps[0]
+    scaled = scheduler.scale_model_input(sample, t)
+    assert torch.equal(scaled[:, :3], reference.scale_model_input(sample[:, :3], t))
+    assert not torch.equal(scaled[:, :3], sample[:, :3])  # sigma is large at the first step
+    assert torch.equal(scaled[:, 3:], sample[:, 3:])  # the conditioning image goes to the UNet as it is
 
 
 def test_the_command_runs_as_a_program(tmp_path, sr_dir):
@@ -163,12 +218,13 @@ def test_the_command_runs_as_a_program(tmp_path, sr_dir):
     out = tmp_path / "out.png"
     proc = subprocess.run(
         [sys.executable, "-m", "kds_hook.cli", "upscale", str(source), "-o", str(out), "--model", str(sr_dir),
-         "--sampler", "euler", *FAST],
+         "--sampler", "euler", *FAST, *CPU],
         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
     assert Image.open(out).size == (28, 20)
-    assert "images" in proc.stderr  # the progress bar over images
+    assert "images" in proc.stderr and "steps" in proc.stderr  # the progress bars over images and steps
+    assert "upscaled" in proc.stdout and "Traceback" not in proc.stderr
 
 
 # ---------------------------------------------------------------------------------------------------- inpaint
@@ -202,6 +258,22 @@ def test_inpaint_into_an_existing_directory(capsys, tmp_path, inpaint_dir):
     names = sorted(p.name for p in (tmp_path / "out").iterdir())
     assert names == ["photo_inpainted.png", "photo_inpainted_particle0.png", "photo_inpainted_particle1.png"]
     assert Image.open(tmp_path / "out" / "photo_inpainted.png").mode == "L"
+
+
+def test_inpaint_warns_when_the_safety_checker_blanks_the_result(capsys, tmp_path, inpaint_dir, monkeypatch):
+    import dataclasses
+
+    import kds_hook.diffusers.pipeline as pipeline
+
+    run = pipeline.run
+    # The tiny pipeline has no safety checker; stand in for one that flags the selected image.
+    flagging = lambda *a, **k: dataclasses.replace(run(*a, **k), nsfw_content_detected=[True])  # noqa: E731
+    monkeypatch.setattr(pipeline, "run", flagging)
+    image = write_image(tmp_path / "photo.png", 8, 8)
+    mask = write_image(tmp_path / "mask.png", 8, 8, "L")
+    code, stdout, err = cli(capsys, "inpaint", image, mask, "-o", tmp_path / "out.png", "--model", inpaint_dir, *FAST)
+    assert code == 0 and "selected particle" in stdout
+    assert "warning: the model's safety checker flagged" in err and "out.png" in err
 
 
 # ----------------------------------------------------------------------------------------------------- errors
@@ -239,6 +311,49 @@ def test_existing_output_is_kept_unless_overwrite(capsys, tmp_path, sr_dir):
 
     assert cli(capsys, "upscale", source, "-o", out, "--model", sr_dir, *FAST, "--overwrite")[0] == 0
     assert Image.open(out).size == (16, 16)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fresh_particle1.png", "in.png", "out.png"]  # no temp file
+
+
+def test_outputs_are_checked_for_every_input_before_the_model_is_loaded(capsys, tmp_path):
+    first, second = write_image(tmp_path / "a.png", 4, 4), write_image(tmp_path / "b.png", 4, 4)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b_upscaled.png").write_bytes(b"earlier result")
+    # The model does not exist: the output of the *second* input is what stops the run, before any loading, and
+    # the first input's output is not written either.
+    code, _, err = cli(capsys, "upscale", first, second, "-o", out, "--model", tmp_path / "no-model")
+    assert_one_line_error(code, err, "b_upscaled.png", "exists")
+    assert [p.name for p in out.iterdir()] == ["b_upscaled.png"]
+    assert (out / "b_upscaled.png").read_bytes() == b"earlier result"
+
+
+def test_an_input_is_never_overwritten(capsys, tmp_path, sr_dir, inpaint_dir):
+    source = write_image(tmp_path / "in.png", 4, 4)
+    original = source.read_bytes()
+    code, _, err = cli(capsys, "upscale", source, "-o", source, "--model", sr_dir, *FAST, "--overwrite")
+    assert_one_line_error(code, err, "in.png", "one of the inputs")
+    mask = write_image(tmp_path / "mask.png", 4, 4, "L")
+    code, _, err = cli(capsys, "inpaint", source, mask, "-o", mask, "--model", inpaint_dir, *FAST, "--overwrite")
+    assert_one_line_error(code, err, "mask.png", "one of the inputs")
+    assert source.read_bytes() == original and Image.open(mask).size == (4, 4)
+
+
+def test_a_file_that_appears_during_the_run_is_kept(capsys, tmp_path, sr_dir, monkeypatch):
+    import kds_hook.restore as restore
+
+    source = write_image(tmp_path / "in.png", 4, 4)
+    out = tmp_path / "out.png"
+    load = restore._load_pipeline
+
+    def load_while_someone_writes_the_output(*args, **kwargs):
+        pipe = load(*args, **kwargs)
+        out.write_bytes(b"written meanwhile")  # after the up-front checks, before our write
+        return pipe
+
+    monkeypatch.setattr(restore, "_load_pipeline", load_while_someone_writes_the_output)
+    code, _, err = cli(capsys, "upscale", source, "-o", out, "--model", sr_dir, *FAST)
+    assert code == 1 and "appeared" in err and "Traceback" not in err
+    assert out.read_bytes() == b"written meanwhile"
 
 
 @pytest.mark.parametrize(
@@ -251,6 +366,10 @@ def test_existing_output_is_kept_unless_overwrite(capsys, tmp_path, sr_dir):
         ("--patch-size", "0", "patch_size"),
         ("--steps", "0", "--steps"),
         ("--max-batch-size", "0", "--max-batch-size"),
+        ("--threshold", "1.5", "--threshold"),
+        ("--threshold", "nan", "--threshold"),
+        ("--eta", "-1", "--eta"),
+        ("--seed", "-1", "--seed"),
     ],
 )
 def test_bad_kds_values_are_rejected_before_loading(capsys, tmp_path, option, value, named):
@@ -286,6 +405,20 @@ def test_directory_without_a_pipeline_or_its_weights(capsys, tmp_path, sr_dir):
     assert not (tmp_path / "out.png").exists()
 
 
+def test_model_that_is_no_pipeline_of_the_right_kind(capsys, tmp_path, sr_dir, inpaint_dir):
+    source = write_image(tmp_path / "in.png", 4, 4)
+    mask = write_image(tmp_path / "mask.png", 4, 4, "L")
+    code, _, err = cli(capsys, "upscale", source, "-o", tmp_path / "out.png", "--model", inpaint_dir)
+    assert_one_line_error(code, err, "StableDiffusionInpaintPipeline", "needs a LDMSuperResolutionPipeline")
+    code, _, err = cli(capsys, "inpaint", source, mask, "-o", tmp_path / "out.png", "--model", sr_dir)
+    assert_one_line_error(code, err, "LDMSuperResolutionPipeline", "StableDiffusionInpaintPipeline")
+    code, _, err = cli(capsys, "upscale", source, "-o", tmp_path / "out.png", "--model", sr_dir / "model_index.json")
+    assert_one_line_error(code, err, "is a file")
+    code, _, err = cli(capsys, "upscale", source, "-o", tmp_path / "out.png", "--model", "not a hub id!")
+    assert_one_line_error(code, err, "neither a directory nor a valid hub id")
+    assert not (tmp_path / "out.png").exists()
+
+
 def test_uncached_hub_id_offline_in_process(capsys, tmp_path, monkeypatch):
     from huggingface_hub import constants
 
@@ -298,16 +431,19 @@ def test_uncached_hub_id_offline_in_process(capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "out.png").exists()
 
 
-def test_uncached_default_model_offline_as_a_program(tmp_path):
+def test_uncached_default_model_without_network_as_a_program(tmp_path):
     image = write_image(tmp_path / "photo.png", 8, 8)
     mask = write_image(tmp_path / "mask.png", 8, 8, "L")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home"), "OMP_NUM_THREADS": "1"}
-    env.pop("HF_HUB_CACHE", None)
+    # Not HF_HUB_OFFLINE: a hub that cannot be reached, as on a machine without network (port 9 refuses at once).
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith("HF_") and "proxy" not in key.lower()}
+    env.update(HF_HOME=str(tmp_path / "hf-home"), HF_ENDPOINT="http://127.0.0.1:9", OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "kds_hook.cli", "inpaint", str(image), str(mask), "-o", str(tmp_path / "out.png")],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True, text=True, env=env, timeout=300,
     )
-    assert_one_line_error(proc.returncode, proc.stderr, DEFAULT_INPAINT_MODEL, f"hf download {DEFAULT_INPAINT_MODEL}")
+    assert_one_line_error(proc.returncode, proc.stderr, DEFAULT_INPAINT_MODEL, "cannot be reached",
+                          f"hf download {DEFAULT_INPAINT_MODEL}", "--model")
     assert not (tmp_path / "out.png").exists()
 
 
@@ -316,8 +452,11 @@ def test_unusable_output_names(capsys, tmp_path, sr_dir):
     code, _, err = cli(capsys, "upscale", source, "-o", tmp_path / "out.xyz", "--model", sr_dir)
     assert_one_line_error(code, err, ".xyz")
     rgba = write_image(tmp_path / "alpha.png", 4, 4, "RGBA")
-    code, _, err = cli(capsys, "upscale", rgba, "-o", tmp_path / "out.jpg", "--model", sr_dir)
-    assert_one_line_error(code, err, "alpha")
+    for extension in (".jpg", ".ppm"):  # PIL's PPM writer would drop the alpha channel without a word
+        code, _, err = cli(capsys, "upscale", rgba, "-o", tmp_path / f"out{extension}", "--model", sr_dir)
+        assert_one_line_error(code, err, "alpha")
+    code, _, err = cli(capsys, "upscale", source, "-o", tmp_path / "in.png" / "out.png", "--model", sr_dir)
+    assert_one_line_error(code, err, "not a directory")
     (tmp_path / "file").write_bytes(b"x")
     code, _, err = cli(capsys, "upscale", source, rgba, "-o", tmp_path / "file", "--model", sr_dir)
     assert_one_line_error(code, err, "is a file")
@@ -334,6 +473,20 @@ def test_unavailable_device(capsys, tmp_path, sr_dir):
     source = write_image(tmp_path / "in.png", 4, 4)
     code, _, err = cli(capsys, "upscale", source, "-o", tmp_path / "out.png", "--model", sr_dir, "--device", "cuda")
     assert_one_line_error(code, err, "cuda")
+
+
+def test_an_unexpected_error_is_one_line_too(capsys, tmp_path, sr_dir, monkeypatch):
+    import kds_hook.restore as restore
+
+    def broken(*args, **kwargs):
+        raise TypeError("something we did not foresee")
+
+    monkeypatch.setattr(restore, "_set_sampler", broken)
+    source = write_image(tmp_path / "in.png", 4, 4)
+    code, _, err = cli(capsys, "upscale", source, "-o", tmp_path / "out.png", "--model", sr_dir, *FAST)
+    assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
+    assert "unexpected TypeError: something we did not foresee" in err and restore.TRACEBACK_VARIABLE in err
+    assert not (tmp_path / "out.png").exists()
 
 
 def test_help_does_not_import_diffusers():

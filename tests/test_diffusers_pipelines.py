@@ -349,6 +349,123 @@ def test_existing_patch_is_kept():
     assert_pristine(pipe, "vqvae")
 
 
+def test_apply_patch_alone_on_a_cfg_pipeline_freeu_pattern():
+    """apply_patch on the pipeline itself, N particles through num_images_per_prompt: strength 0 is the plain
+    pipeline bit for bit (DDIM with eta > 0, so this also shows the pipeline still passes eta and generator to the
+    patched step); steering changes the output; applying again replaces; a batch of 4 is refused for N = 3;
+    after remove_patch the pipeline gives its never-patched output again."""
+    pipe = sd("text2img")
+    inputs = dict(sd_inputs("text2img"), output_type="latent", eta=0.7)
+
+    def call(**extra):
+        return pipe(**{**inputs, "num_images_per_prompt": N, **extra}, generator=seeded()).images
+
+    plain = call()
+    assert not torch.equal(call(eta=0.0), plain)  # eta matters here
+    try:
+        apply_patch(pipe, KDS(num_particles=N, strength=0.0))
+        assert torch.equal(call(), plain)
+        steerer = KDS(**STRONG, record=True)
+        apply_patch(pipe, steerer)  # replaces the strength-0 patch
+        assert patched_kds(pipe) is steerer
+        steered = call()
+        assert len(steerer.history) == STEPS and steerer.history[0].strength == 0.5
+        assert (steered - plain).abs().max() > 1e-3
+        with pytest.raises(ValueError, match="not divisible by num_particles=3"):
+            call(num_images_per_prompt=2)  # 2 prompts x 2 images = 4 rows
+    finally:
+        remove_patch(pipe)
+    assert_pristine(pipe, "vae")
+    assert torch.equal(call(), plain)
+
+
+def test_swapping_the_pipelines_scheduler_drops_the_patch():
+    from diffusers import DPMSolverMultistepScheduler
+
+    pipe = sd("text2img")
+    patched = apply_patch(pipe, KDS(num_particles=N))
+    try:
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(patched.config)
+        assert patched_kds(pipe) is None and not {"step", "convert_model_output"} & set(vars(pipe.scheduler))
+        remove_patch(pipe)  # a no-op on the new, unpatched scheduler: the old one keeps its patch
+        assert patched_kds(patched) is not None
+    finally:
+        pipe.scheduler = patched
+        remove_patch(pipe)
+    assert "step" not in vars(patched)
+    assert patched.step.__func__ is type(patched).step
+
+
+def test_sd_prompt_embeds_and_negative_prompts_are_repeated_per_input():
+    """prompt_embeds / negative_prompt_embeds and a single negative prompt string (with a single prompt string, the
+    CLI's call) are expanded row by row, contiguously: strength 0 gives the plain pipeline on the expanded batch."""
+    pipe = sd("text2img")
+    common = dict(height=32, width=32, num_inference_steps=2, guidance_scale=5.0, output_type="latent")
+    off = KDS(num_particles=N, strength=0.0)
+    embeds = torch.randn(2, 77, 32, generator=seeded(5))
+    negative = torch.randn(2, 77, 32, generator=seeded(6))
+    out = run(
+        pipe, off, prompt_embeds=embeds, negative_prompt_embeds=negative, generator=seeded(),
+        return_particles=True, **common,
+    )
+    plain = pipe(
+        prompt_embeds=embeds.repeat_interleave(N, dim=0), negative_prompt_embeds=negative.repeat_interleave(N, dim=0),
+        generator=seeded(), **common,
+    ).images
+    assert torch.equal(out.particles.reshape(plain.shape), plain)
+
+    blurry = run(pipe, off, prompt="a red cat", negative_prompt="blurry", generator=seeded(), return_particles=True,
+                 **common)
+    plain = pipe(prompt=["a red cat"] * N, negative_prompt=["blurry"] * N, generator=seeded(), **common).images
+    assert torch.equal(blurry.particles.reshape(plain.shape), plain)
+    sharp = run(pipe, off, prompt="a red cat", negative_prompt="sharp", generator=seeded(), **common)
+    assert not torch.equal(sharp.latents, blurry.latents)  # the negative prompt is used, not dropped
+    two = run(pipe, off, prompt=["a red cat", "a dog"], negative_prompt="blurry", generator=seeded(), **common)
+    assert two.latents.shape[0] == 2
+
+
+def test_sd_inpaint_padding_mask_crop_one_decode_and_safety_flags():
+    """Inpainting with padding_mask_crop (one PIL image and mask, PIL output) works; the VAE decodes one latent per
+    input (N with return_particles); the safety checker's flags come back for the selected particles."""
+    pipe = sd("inpaint")
+    rng = np.random.default_rng(0)
+    image = PIL.Image.fromarray((rng.random((32, 32, 3)) * 255).astype(np.uint8))
+    mask = np.zeros((32, 32), np.uint8)
+    mask[12:20, 10:18] = 255
+    decoded, flags = [], []
+    decode = pipe.vae.decode
+
+    def counting_decode(z, *args, **kwargs):
+        decoded.append(z.shape[0])
+        return decode(z, *args, **kwargs)
+
+    def fake_safety_checker(images, device, dtype):
+        flags.append([i % 2 == 1 for i in range(len(images))])  # flags every other row
+        return images, flags[-1]
+
+    pipe.vae.decode = counting_decode
+    pipe.run_safety_checker = fake_safety_checker
+    kwargs = dict(
+        prompt="a red cat", image=image, mask_image=PIL.Image.fromarray(mask), padding_mask_crop=2, height=32,
+        width=32, num_inference_steps=2, guidance_scale=5.0,
+    )
+    try:
+        one = run(pipe, KDS(**STRONG), generator=seeded(), **kwargs)
+        every = run(pipe, KDS(**STRONG), generator=seeded(), return_particles=True, **kwargs)
+    finally:
+        del pipe.vae.decode, pipe.run_safety_checker
+    assert decoded == [1, N]
+    assert len(one.images) == 1 and one.images[0].size == (32, 32)
+    assert one.nsfw_content_detected == [False] and one.particle_nsfw_content_detected is None
+    assert every.particle_nsfw_content_detected == [flags[1]]
+    assert every.nsfw_content_detected == [flags[1][int(every.index[0])]]
+    # selection in the scheduler's latent space: Eq. 9 on the final latents, the same with or without decoding all
+    assert torch.equal(every.index, KDS(**STRONG).select(every.particles[0]).index)
+    assert torch.equal(one.index, every.index) and torch.equal(every.latents[0], every.particles[0, every.index[0]])
+    # the overlay pastes the generated crop into the original: pixels far from the mask are the original's
+    assert np.array_equal(np.asarray(one.images[0])[:4], np.asarray(image)[:4])
+
+
 # ---------------------------------------------------------------------------------------------- errors
 
 
@@ -372,6 +489,17 @@ def test_errors():
         run(text, KDS(num_particles=N), **dict(sd_inputs("img2img"), image=torch.rand(3, 3, 32, 32)))
     with pytest.raises(ValueError, match="latents has 2 rows"):
         run(sd("text2img"), KDS(num_particles=N), latents=torch.randn(2, 4, 16, 16), **sd_inputs("text2img"))
+
+    incomplete = type("LDMSuperResolutionPipeline", (), {"unet": torch.nn.Identity(), "vqvae": None})()
+    with pytest.raises(ValueError, match="has no vqvae"):
+        run(incomplete, KDS(num_particles=N), **kwargs)
+    from diffusers import PNDMScheduler
+
+    unsupported = tiny_ldm_sr_pipeline("ddim")
+    unsupported.scheduler = PNDMScheduler.from_config(unsupported.scheduler.config)
+    with pytest.raises(ValueError, match="PNDMScheduler; supported schedulers: DDIMScheduler"):
+        run(unsupported, KDS(num_particles=N), **kwargs)
+    assert "step" not in vars(unsupported.scheduler)
 
     # An error inside the pipeline call (after patching) still restores everything.
     with pytest.raises(TypeError, match="not_an_argument"):

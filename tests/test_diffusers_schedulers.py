@@ -274,12 +274,14 @@ def test_euler_churn_is_refused_only_where_steered():
 # --------------------------------------------------------------------------------- gate and records
 
 
-@pytest.mark.parametrize("name", ["ddim", "euler", "dpmpp", "single_dpmpp", "unipc"])
+@pytest.mark.parametrize("name", ["ddim", "ddpm", "euler", "euler_a", "dpmpp", "single_dpmpp", "unipc"])
 def test_gate_reads_the_schedulers_own_timestep(name):
+    """t/T = the scheduler's timestep over its num_train_timesteps (500 here, so a hard-coded 1000 would fail)."""
     steerer = kds(strength=0.3, threshold=0.45, record=True)
-    scheduler = apply_patch(make(name), steerer)
+    scheduler = apply_patch(make(name, num_train_timesteps=500), steerer)
     sample(scheduler, initial_noise(5))
-    t_fracs = [float(t) / scheduler.config.num_train_timesteps for t in scheduler.timesteps]
+    assert float(scheduler.timesteps.max()) < 500
+    t_fracs = [float(t) / 500 for t in scheduler.timesteps]
     assert [r.t_frac for r in steerer.history] == pytest.approx(t_fracs, abs=1e-7)
     assert [r.strength for r in steerer.history] == [0.3 if f >= 0.45 else 0.0 for f in t_fracs]
     assert 0.0 in [r.strength for r in steerer.history] and 0.3 in [r.strength for r in steerer.history]
@@ -347,21 +349,28 @@ def test_apply_twice_replaces_and_accepts_a_pipeline():
     remove_patch(Pipe())  # removing twice is a no-op
 
 
-def test_remove_restores_a_previous_instance_attribute():
-    scheduler = make("dpmpp")
+@pytest.mark.parametrize("name", ["ddim", "dpmpp"])
+def test_remove_restores_a_previous_instance_attribute(name):
+    """A user's own (*args, **kwargs) override on the instance is wrapped, steered through, and put back."""
+    scheduler = make(name)
+    method = patched_method(scheduler)
     calls = []
-    original = scheduler.convert_model_output
+    original = getattr(scheduler, method)
 
     def own(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    scheduler.convert_model_output = own
-    apply_patch(scheduler, kds())
-    sample(scheduler, initial_noise(9), steps=2)
+    setattr(scheduler, method, own)
+    steerer = kds(threshold=0.0)
+    apply_patch(scheduler, steerer)
+    noise = initial_noise(9)
+    steered = sample(scheduler, noise, steps=2)
     assert len(calls) == 2  # ours wraps the user's method
+    assert torch.equal(steered, sample(apply_patch(make(name), kds(threshold=0.0)), noise, steps=2))
     remove_patch(scheduler)
-    assert scheduler.convert_model_output is own
+    assert getattr(scheduler, method) is own
+    assert torch.equal(sample(scheduler, noise, steps=2), sample(make(name), noise, steps=2))
 
 
 @pytest.mark.parametrize("name", ["euler", "dpmpp"])

@@ -119,13 +119,16 @@ def patched_kds(pipe_or_scheduler: Any) -> Optional[KDS]:
 
 
 def _patched(function: Callable, steer: Callable) -> Callable:
-    """The wrapper of the class's ``function``; ``steer(scheduler, patch, original, *args, **kwargs)`` does the work."""
+    """The wrapper of the class's ``function``; ``steer(scheduler, patch, original, signature, *args, **kwargs)``
+    does the work, with ``signature`` the class method's (``self`` included): an earlier instance attribute that
+    is wrapped may take ``*args, **kwargs``, but is called as the class's method is."""
+    signature = inspect.signature(function)
 
     @functools.wraps(function)  # the original signature: pipelines inspect step's for eta and generator
     def patched(self, *args, **kwargs):
         patch = vars(self)[_PATCH_ATTR]
         original = patch.previous if patch.had_instance_attr else function.__get__(self)
-        return steer(self, patch, original, *args, **kwargs)
+        return steer(self, patch, original, signature, *args, **kwargs)
 
     return patched
 
@@ -272,8 +275,8 @@ def _step_coefficients(scheduler: Any, kind: str, timestep: Any, arguments: Dict
     return 0.0, 1.0
 
 
-def _steer_step(scheduler: Any, patch: _Patch, original: Callable, *args, **kwargs):
-    bound = inspect.signature(original).bind(*args, **kwargs)
+def _steer_step(scheduler: Any, patch: _Patch, original: Callable, signature: inspect.Signature, *args, **kwargs):
+    bound = signature.bind(scheduler, *args, **kwargs)  # names the arguments however the caller passed them
     arguments = bound.arguments
     timestep, kds = arguments["timestep"], patch.kds
     t_frac = _t_frac(scheduler, timestep)
@@ -284,10 +287,12 @@ def _steer_step(scheduler: Any, patch: _Patch, original: Callable, *args, **kwar
     arguments["model_output"] = _steer_model_output(
         kds, scheduler, arguments["model_output"], arguments["sample"], a, b, t_frac
     )
-    return original(*bound.args, **bound.kwargs)
+    return original(*bound.args[1:], **bound.kwargs)  # without self: original is bound
 
 
-def _steer_convert_model_output(scheduler: Any, patch: _Patch, original: Callable, model_output, *args, **kwargs):
+def _steer_convert_model_output(
+    scheduler: Any, patch: _Patch, original: Callable, signature: inspect.Signature, model_output, *args, **kwargs
+):
     sample = kwargs.get("sample", args[1] if len(args) > 1 else None)
     if sample is None or scheduler.step_index is None:
         return original(model_output, *args, **kwargs)  # not called from step: diffusers decides what happens

@@ -31,8 +31,16 @@ SUPPORTED_PIPELINES: Dict[str, str] = {
     "StableDiffusionInpaintPipeline": "vae",
 }
 
-# Stable Diffusion call arguments that hold one entry per input.
-_SD_BATCH_ARGS = ("prompt", "prompt_embeds", "negative_prompt_embeds", "image", "mask_image", "masked_image_latents")
+# Stable Diffusion call arguments that hold one entry per input (a single entry serves every input).
+_SD_BATCH_ARGS = (
+    "prompt",
+    "prompt_embeds",
+    "negative_prompt",
+    "negative_prompt_embeds",
+    "image",
+    "mask_image",
+    "masked_image_latents",
+)
 _UNSUPPORTED_ARGS = ("ip_adapter_image", "ip_adapter_image_embeds")
 
 
@@ -50,6 +58,10 @@ class KDSPipelineOutput:
         particles: (B, N, C, h, w) all final latents, with ``return_particles=True``; else None.
         particle_images: all N decoded particles per item (a list of B lists of N images, or an array/tensor with
             leading dims (B, N)), with ``return_particles=True``; else None.
+        nsfw_content_detected: the pipeline's safety-checker flag of each selected image (B,), or None where the
+            pipeline has no safety checker (or reports none).
+        particle_nsfw_content_detected: the flags of all particles, B lists of N, with ``return_particles=True``
+            and a safety checker; else None.
     """
 
     images: Any
@@ -57,6 +69,8 @@ class KDSPipelineOutput:
     index: torch.Tensor
     particles: Optional[torch.Tensor] = None
     particle_images: Any = None
+    nsfw_content_detected: Optional[List[bool]] = None
+    particle_nsfw_content_detected: Optional[List[List[bool]]] = None
 
 
 def run(
@@ -72,7 +86,9 @@ def run(
     Supported: LDMSuperResolutionPipeline (``image``: a PIL image, a list of PIL images of one size, or a tensor
     (B, 3, h, w) in [-1, 1]) and StableDiffusionPipeline / StableDiffusionImg2ImgPipeline /
     StableDiffusionInpaintPipeline (``prompt`` or ``prompt_embeds``, ``negative_prompt(_embeds)``, ``image``,
-    ``mask_image``; each holds 1 or B entries, a single one serving every input). Subclasses count as their base.
+    ``mask_image``, ``masked_image_latents``; each holds 1 or B entries, a single one serving every input; a
+    single negative prompt string also serves a list of prompts). Subclasses count as their base. Inpainting with
+    ``padding_mask_crop`` takes one PIL image and one PIL mask (as in diffusers), which then serve every row.
 
     Particles: each input is repeated N times, contiguously, and the pipeline runs on the B*N batch. Initial
     noise comes from ``generator`` exactly as in the pipeline: one ``torch.Generator`` draws the whole (B*N, ...)
@@ -102,7 +118,8 @@ def run(
 
     Raises:
         TypeError: ``kds`` is not a KDS; ``return_dict`` was given (run always returns a KDSPipelineOutput).
-        ValueError: unsupported pipeline; inputs, generators or latents whose counts do not match.
+        ValueError: unsupported pipeline, or one missing its denoiser or autoencoder; unsupported scheduler or
+            prediction type (from :func:`apply_patch`); inputs, generators or latents whose counts do not match.
     """
     if not isinstance(kds, KDS):
         raise TypeError(f"kds must be a kds_hook.KDS, got {type(kds).__name__}")
@@ -113,6 +130,12 @@ def run(
     if "return_dict" in call_kwargs:
         raise TypeError("run() always returns a KDSPipelineOutput; do not pass return_dict")
     kind, vae_name = _pipeline_kind(pipe)
+    for component in ("unet", vae_name, "scheduler"):
+        if getattr(pipe, component, None) is None:
+            raise ValueError(
+                f"{type(pipe).__name__} has no {component} (None): load the pipeline with all its components and "
+                "their weights (from_pretrained on a complete model directory or Hub id)"
+            )
     n = kds.num_particles
     if kind == "LDMSuperResolutionPipeline":
         kwargs, items = _expand_ldm_sr(call_kwargs, n)
@@ -129,7 +152,7 @@ def run(
         if max_batch_size is not None:
             stack.enter_context(_override(pipe.unet, "forward", lambda f: _chunked(f, max_batch_size)))
         output = pipe(**kwargs, return_dict=True)
-    return capture.result(output.images, items, n)
+    return capture.result(output.images, getattr(output, "nsfw_content_detected", None), items, n)
 
 
 def _pipeline_kind(pipe: Any) -> Tuple[str, str]:
@@ -187,11 +210,7 @@ def _expand_sd(call_kwargs: Dict[str, Any], n: int) -> Tuple[Dict[str, Any], int
     per_input = 1 if per_input is None else per_input
     if isinstance(per_input, bool) or not isinstance(per_input, numbers.Integral) or per_input < 1:
         raise ValueError(f"num_images_per_prompt must be a positive int, got {per_input!r}")
-    if isinstance(kwargs.get("negative_prompt"), (list, tuple)):
-        batch_args = _SD_BATCH_ARGS + ("negative_prompt",)
-    else:
-        batch_args = _SD_BATCH_ARGS  # a single negative prompt string already serves every row
-    counts = {name: _count(name, kwargs[name]) for name in batch_args if kwargs.get(name) is not None}
+    counts = {name: _count(name, kwargs[name]) for name in _SD_BATCH_ARGS if kwargs.get(name) is not None}
     if "prompt" not in counts and "prompt_embeds" not in counts:
         raise ValueError("give prompt or prompt_embeds")
     inputs = max(counts.values())
@@ -201,8 +220,12 @@ def _expand_sd(call_kwargs: Dict[str, Any], n: int) -> Tuple[Dict[str, Any], int
         raise ValueError(f"inputs do not match: {listed}; each must hold 1 or {inputs} entries")
     items = inputs * per_input
     rows = items * n
+    # A single negative prompt string is repeated too: diffusers refuses a str negative prompt with a list prompt.
+    # With padding_mask_crop, diffusers needs the one PIL image and mask as they are; it broadcasts them itself.
+    keep = {"image", "mask_image"} if kwargs.get("padding_mask_crop") is not None else set()
     for name in counts:
-        kwargs[name] = _repeat(name, kwargs[name], rows)
+        if not (name in keep and counts[name] == 1):
+            kwargs[name] = _repeat(name, kwargs[name], rows)
     kwargs["num_images_per_prompt"] = 1
     _check_latents(kwargs, rows, items, n)
     _expand_generator(kwargs, (inputs, items, rows))
@@ -360,7 +383,7 @@ class _DecodeCapture:
 
         return decode_selected
 
-    def result(self, images: Any, items: int, n: int) -> KDSPipelineOutput:
+    def result(self, images: Any, nsfw: Optional[List[bool]], items: int, n: int) -> KDSPipelineOutput:
         if self.index is None:  # output_type="latent": nothing was decoded, the images are the latents
             if not isinstance(images, torch.Tensor):
                 raise RuntimeError("the pipeline returned images without calling its autoencoder's decode")
@@ -370,10 +393,13 @@ class _DecodeCapture:
             decoded_all = self.decode_all
         index = self.index
         picks = (torch.arange(items) * n + index.cpu()).tolist()
-        particle_images = None
+        particle_images = particle_nsfw = None
         if decoded_all:
-            particle_images = _group(images, items, n) if self.decode_all else None
+            if self.decode_all:
+                particle_images = _group(images, items, n)
+                particle_nsfw = None if nsfw is None else _group(list(nsfw), items, n)
             images = [images[i] for i in picks] if isinstance(images, list) else images[picks]
+            nsfw = None if nsfw is None else [nsfw[i] for i in picks]
         grouped = self.latents.reshape(items, n, *self.latents.shape[1:])
         return KDSPipelineOutput(
             images=images,
@@ -381,6 +407,8 @@ class _DecodeCapture:
             index=index,
             particles=grouped if self.decode_all else None,
             particle_images=particle_images,
+            nsfw_content_detected=None if nsfw is None else list(nsfw),
+            particle_nsfw_content_detected=particle_nsfw,
         )
 
 
