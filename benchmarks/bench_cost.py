@@ -203,13 +203,14 @@ def main() -> None:
         for name in orders[rep % len(orders)]:
             runs[name].append(run_once(unet, noise, steps, methods[name]))
             progress(f"repeat {rep + 1}/{repeats} {name}: {runs[name][-1]['wall']:.2f} s")
-    rounds = 3
+    rounds = 5  # peak RSS moves by several MiB between identical processes: show the spread
     peaks: Dict[str, List[float]] = {name: [] for name in names}
     for r in range(rounds):
         for name in orders[r % len(orders)]:
             peaks[name].append(peak_memory(name, args.quick))
             progress(f"peak memory {name} (round {r + 1}/{rounds}): +{peaks[name][-1]:.1f} MiB")
     peak = {name: statistics.median(values) for name, values in peaks.items()}
+    spread = {name: f"{peak[name]:.1f} [{min(values):.1f}-{max(values):.1f}]" for name, values in peaks.items()}
 
     def series(name: str, key: str) -> torch.Tensor:
         return torch.tensor([run[key] for run in runs[name]], dtype=torch.float64)
@@ -219,7 +220,7 @@ def main() -> None:
     for name in names:
         wall, cpu = series(name, "wall"), series(name, "cpu")
         if name == BEST_OF_N:
-            rows.append([name, fmt_mean_se(wall, 2), "", "", "", "", f"{peak[name]:.1f}", ""])
+            rows.append([name, fmt_mean_se(wall, 2), "", "", "", "", spread[name], ""])
             continue
         outside = (wall - series(name, "unet")) - (bon["wall"] - bon["unet"])
         rows.append([
@@ -229,12 +230,12 @@ def main() -> None:
             fmt_mean_se(100 * (cpu / bon["cpu"] - 1), 2, signed=True),
             fmt_mean_se(100 * outside / bon["wall"], 2, signed=True),
             fmt_mean_se(100 * series(name, "steer") / wall, 2),
-            f"{peak[name]:.1f}",
+            spread[name],
             f"{100 * (peak[name] / peak[BEST_OF_N] - 1):+.1f}" if peak[BEST_OF_N] > 0 else "",
         ])
     table = markdown_table(
         ["method", "wall time (s)", "wall time vs Best-of-N (%)", "CPU time vs Best-of-N (%)",
-         "overhead outside the UNet (% of Best-of-N)", "time inside steer_x0 (%)", "peak RSS growth (MiB)",
+         "overhead outside the UNet (% of Best-of-N)", "time inside steer_x0 (%)", "peak RSS growth, median [min-max] (MiB)",
          "peak vs Best-of-N (%)"],
         rows,
     )
@@ -242,7 +243,7 @@ def main() -> None:
         f"N={n} particles of a {CHANNELS}x{size}x{size} latent, DDIM {steps} steps, UNet2DModel with 4 down/4 up "
         f"blocks ({params:.1f} M random parameters), CPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
         f"{repeats} repeats cycling through all {len(orders)} orders of the methods (mean ± SE; every ratio is "
-        f"paired within a repeat); peak memory: median of {rounds} fresh processes per method. "
+        f"paired within a repeat); peak memory: median and range of {rounds} fresh processes per method. "
         f"torch {torch.__version__}.\n\n" + table
     )
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_cost.py" + (" --quick" if args.quick else "")
