@@ -74,10 +74,10 @@ def _use_matmul(num_particles: int, dim: int) -> bool:
     """Whether a region with patch dimension ``dim`` runs as batched matmuls over locations.
 
     Matmuls over per-location N x D matrices pay a fixed cost per location, which only wide patches (and, at
-    D = 16, many particles) amortise; otherwise N x N maps over all locations at once with elementwise ops are
-    faster. The rule comes from benchmarks/bench_meanshift.py on CPU (docs/benchmarks.md).
+    D = 12-16, many particles) amortise; otherwise N x N maps over all locations at once with elementwise ops
+    are faster. The rule comes from benchmarks/bench_meanshift.py on CPU (docs/benchmarks.md).
     """
-    return dim >= 32 or (dim >= 16 and num_particles >= 32)
+    return dim >= 32 or (dim >= 12 and num_particles >= 32)
 
 
 class _Region:

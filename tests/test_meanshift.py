@@ -590,8 +590,8 @@ def test_both_layouts_match_the_literal_algorithm(monkeypatch, matmul, bandwidth
 def test_layout_rule():
     from kds_hook.meanshift import _use_matmul
 
-    assert not _use_matmul(64, 4) and not _use_matmul(64, 12)  # patch 1 or 2 of a 3-4 channel latent
-    assert not _use_matmul(10, 16) and _use_matmul(32, 16)
+    assert not _use_matmul(64, 4) and not _use_matmul(64, 3)  # patch 1 of a 3-4 channel latent
+    assert not _use_matmul(10, 16) and not _use_matmul(10, 12) and _use_matmul(32, 16) and _use_matmul(32, 12)
     assert _use_matmul(4, 48) and _use_matmul(10, 64)
 
 
