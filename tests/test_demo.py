@@ -18,13 +18,7 @@ from kds_hook.demo.toy import run_toy, toy_metrics
 N = 8
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small float64 tensors: extra threads only spin, and on a busy 2-core machine make these tests ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def toy_setup(items=3, seed=0):

@@ -11,13 +11,7 @@ from kds_hook.demo.posterior import LinearRestoration, MixturePrior, default_pro
 C, M, K = 3, 2, 3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small float64 tensors: extra threads only spin, and on a busy 2-core machine make these tests ~10x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tests/conftest.py
 
 
 def random_problem(seed=0, noise_std=0.3):
