@@ -109,7 +109,7 @@ def main() -> None:
                              paired_grid(None, patches, [label(h) for h in bandwidths],
                                          lambda r, c: (grid, f"p={r} {c}"), metric))
         )
-    sections.append(f"![paired PSNR gain vs N](sweeps.png)")
+    sections.append("![paired PSNR gain vs N](sweeps.png)")
     command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_sweeps.py" + (" --quick" if args.quick else "")
     write_markdown(args.out, "sweeps", command, "\n\n".join(sections), args.quick)
 
