@@ -14,7 +14,6 @@ import os
 
 from _common import parse_args, progress, write_markdown
 
-
 from kds_hook.demo.report import fmt_mean_se, markdown_table
 from kds_hook.demo.restoration import run_restoration
 
