@@ -100,6 +100,12 @@ class _Region:
         # merges axes would copy once more).
         layout = f"b {' '.join(spatial)} n c {tile_axes}" if self.matmul else f"b n c {tile_axes} {' '.join(spatial)}"
         self.split = f"b n c {grid} -> {layout}"
+        # The matmul layout's gather reads x in runs of one tile row; moving the first grid axis out front
+        # first (long runs) and then the rest (within cache-sized slabs) is about twice as fast.
+        self.staged = None
+        if self.matmul and len(spatial) > 1:
+            stage = f"b {spatial[0]} n c t{spatial[0]} " + " ".join(f"{s} t{s}" for s in spatial[1:])
+            self.staged = (f"b n c {grid} -> {stage}", f"{stage} -> {layout}")
         self.tile_kwargs = {f"t{s}": t for s, t in zip(spatial, tiles)}
         self.particle_dim = 1 + len(spatial) if self.matmul else 1
         # Dimension of the pairwise maps that runs over the other particle k.
@@ -114,14 +120,19 @@ class _Region:
         Centring leaves the shift unchanged, but the common offset no longer costs precision and identical
         particles give exact zeros.
         """
-        view = self._view(x)
         if self.matmul:
             # This permutation reads x in short runs: torch's copy kernel does it faster than a strided sub.
             # Always a copy: with a single location the view is already contiguous, and centring in place
             # would overwrite the caller's x.
-            centred = view.clone(memory_format=torch.contiguous_format)
+            box = x[(Ellipsis, *self.slices)]
+            if self.staged is None:
+                centred = self._view(x).clone(memory_format=torch.contiguous_format)
+            else:
+                staged = rearrange(box, self.staged[0], **self.tile_kwargs).clone(memory_format=torch.contiguous_format)
+                centred = rearrange(staged, self.staged[1]).contiguous()
             centred = centred.sub_(centred.narrow(self.particle_dim, 0, 1).clone())
         else:
+            view = self._view(x)
             first = view.narrow(self.particle_dim, 0, 1)
             centred = torch.sub(view, first, out=torch.empty(view.shape, dtype=view.dtype, device=view.device))
         batch, n, dim = x.shape[0], x.shape[1], x.shape[2] * math.prod(self.tiles)
