@@ -452,3 +452,12 @@ def test_api_reference_lists_every_public_name():
         listed = set(re.findall(r"^\| `([A-Za-z_][A-Za-z0-9_]*)", section, flags=re.M))
         missing = set(module.__all__) - listed
         assert not missing, f"{module.__name__}: {sorted(missing)} not in docs/api.md"
+
+
+def test_readme_quickstart_runs_as_written(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Quickstart") :]
+    code = section[section.index("```python") + len("```python") : section.index("```\n", section.index("```python") + 9)]
+    exec(compile(code, "README.md#quickstart", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("torch.Size([2, 4, 64, 64]) tensor([")
