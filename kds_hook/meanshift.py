@@ -147,8 +147,9 @@ class _Region:
         shift = shift.reshape(target.shape)
         if strength is None:
             target.copy_(shift)
-        elif self.matmul:
-            # As in patches(): a copy, then contiguous ops in x's own layout, beats one strided addcmul.
+        elif self.matmul or not target.is_contiguous():
+            # As in patches(): a copy, then contiguous ops in x's own layout, beats one strided addcmul
+            # (2x for patch 2 in the elementwise layout).
             target.copy_(shift)
             box = out[(Ellipsis, *self.slices)]
             box.mul_(strength.reshape((-1,) + (1,) * (box.ndim - 1))).add_(x[(Ellipsis, *self.slices)])
@@ -193,9 +194,9 @@ class _Region:
         """sum_k w_ik p_k for every particle i, in this layout."""
         if self.matmul:
             return weights @ patches
-        total = torch.zeros_like(patches)
-        for k in range(patches.shape[1]):
-            # w is symmetric: w[:, k] (contiguous) equals column k, w[:, :, k].
+        # w is symmetric: w[:, k] (contiguous) equals column k, w[:, :, k].
+        total = weights[:, 0].unsqueeze(2) * patches[:, 0:1]
+        for k in range(1, patches.shape[1]):
             total.addcmul_(weights[:, k].unsqueeze(2), patches[:, k : k + 1])
         return total
 
