@@ -8,6 +8,7 @@ inputs never mix.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import numpy as np
@@ -165,19 +166,26 @@ def test_ldm_sr_inputs_never_mix():
     assert not torch.equal(first.particles[1], second.particles[1])
 
 
-def test_ldm_sr_chunked_equals_unchunked():
-    pipe = ldm_sr("ddim")
+@contextlib.contextmanager
+def unet_batch_sizes(pipe):
+    """The batch size of every UNet call made inside the block."""
     seen = []
     hook = pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
     try:
+        yield seen
+    finally:
+        hook.remove()
+
+
+def test_ldm_sr_chunked_equals_unchunked():
+    pipe = ldm_sr("ddim")
+    with unet_batch_sizes(pipe) as seen:
         kwargs = dict(image=low_res(), num_inference_steps=STEPS, output_type="pt", return_particles=True)
         whole = run(pipe, KDS(**STRONG), generator=seeded(), **kwargs)
         assert set(seen) == {2 * N}
         seen.clear()
         chunked = run(pipe, KDS(**STRONG), generator=seeded(), max_batch_size=4, **kwargs)
         assert seen == [4, 2] * STEPS
-    finally:
-        hook.remove()
     assert_pristine(pipe, "vqvae")
     assert torch.equal(chunked.particles, whole.particles)
     assert torch.equal(chunked.particle_images, whole.particle_images)
@@ -295,17 +303,13 @@ def test_sd_inputs_never_mix_and_broadcast():
 
 def test_sd_chunked_equals_unchunked_with_cfg():
     pipe = sd("text2img")
-    seen = []
-    hook = pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
-    try:
+    with unet_batch_sizes(pipe) as seen:
         kwargs = dict(sd_inputs("text2img"), output_type="np", return_particles=True)
         whole = run(pipe, KDS(**STRONG), generator=seeded(), **kwargs)
         assert set(seen) == {2 * 2 * N}  # CFG doubles the B*N batch
         seen.clear()
         chunked = run(pipe, KDS(**STRONG), generator=seeded(), max_batch_size=5, **kwargs)
         assert seen == [5, 5, 2] * STEPS
-    finally:
-        hook.remove()
     assert_pristine(pipe, "vae")
     assert torch.equal(chunked.particles, whole.particles)
     assert np.array_equal(chunked.particle_images, whole.particle_images)

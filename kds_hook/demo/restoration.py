@@ -14,11 +14,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ..kds import KDS
 from ..selection import select_particles
 from .posterior import LinearRestoration, MixturePosterior, default_problem, psnr
 from .report import fmt_mean_se, markdown_table
-from .sampler import ddim_sample, ddpm_alphas_cumprod, x0_predictor_from_denoiser
+from .sampler import ddpm_alphas_cumprod, paired_runs, x0_predictor_from_denoiser
 
 __all__ = [
     "RestorationInstance",
@@ -129,12 +128,8 @@ def run_restoration(
     gen = torch.Generator().manual_seed(seed + 1)
     noise = torch.randn(g * num_particles, c, h, w, dtype=torch.float64, generator=gen)
     result = RestorationResult(num_particles)
-    runs: Dict[str, Optional[dict]] = {"plain": None, **configs}
-    for i, (name, kwargs) in enumerate(runs.items()):
-        if progress:
-            progress(f"part 2 (restoration, N={num_particles}): {name} [{i + 1}/{len(runs)}]")
-        kds = None if kwargs is None else KDS(num_particles=num_particles, **kwargs)
-        x = ddim_sample(predict_x0, noise, num_steps=num_steps, kds=kds)
+    label = f"part 2 (restoration, N={num_particles})"
+    for name, x in paired_runs(predict_x0, noise, configs, num_particles, num_steps, label, progress):
         result.metrics[name] = score_particles(x, instance, num_particles)
     post = instance.posterior
     result.references["posterior mean (MMSE)"] = score_estimate(post.mean(), instance)

@@ -10,13 +10,13 @@ same initial noise they differ only by what KDS does.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Sequence
+from typing import Callable, Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
 from ..kds import KDS
 
-__all__ = ["ddpm_alphas_cumprod", "ddim_timesteps", "ddim_sample", "x0_predictor_from_denoiser"]
+__all__ = ["ddpm_alphas_cumprod", "ddim_timesteps", "ddim_sample", "paired_runs", "x0_predictor_from_denoiser"]
 
 X0Predictor = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -88,3 +88,22 @@ def ddim_sample(
         eps = (z - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
         z = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev) * eps
     return x0
+
+
+def paired_runs(
+    predict_x0: X0Predictor,
+    noise: torch.Tensor,
+    configs: Dict[str, dict],
+    num_particles: int,
+    num_steps: int,
+    label: str,
+    progress: Optional[Callable[[str], None]] = None,
+) -> Iterator[Tuple[str, torch.Tensor]]:
+    """Yields ``("plain", x)`` and then ``(name, x)`` for each KDS configuration (``KDS(**kwargs)``), every run
+    from the same ``noise``: the paired comparison the demo and the benchmarks report."""
+    runs: Dict[str, Optional[dict]] = {"plain": None, **configs}
+    for i, (name, kwargs) in enumerate(runs.items()):
+        if progress:
+            progress(f"{label}: {name} [{i + 1}/{len(runs)}]")
+        kds = None if kwargs is None else KDS(num_particles=num_particles, **kwargs)
+        yield name, ddim_sample(predict_x0, noise, num_steps=num_steps, kds=kds)

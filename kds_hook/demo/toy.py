@@ -12,9 +12,8 @@ from typing import IO, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from ..analytic import GaussianMixture, three_gaussians
-from ..kds import KDS
 from .report import fmt_mean_se, markdown_table
-from .sampler import ddim_sample, ddpm_alphas_cumprod, x0_predictor_from_denoiser
+from .sampler import ddpm_alphas_cumprod, paired_runs, x0_predictor_from_denoiser
 
 __all__ = ["ToyResult", "toy_metrics", "run_toy", "toy_tables", "plot_toy"]
 
@@ -66,12 +65,7 @@ def run_toy(
     predict_x0 = x0_predictor_from_denoiser(mixture, ddpm_alphas_cumprod())
     noise = torch.randn(num_seeds * num_particles, 2, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
     result = ToyResult(num_particles)
-    runs: Dict[str, Optional[dict]] = {"plain": None, **configs}
-    for i, (name, kwargs) in enumerate(runs.items()):
-        if progress:
-            progress(f"part 1 (Figure 2): {name} [{i + 1}/{len(runs)}]")
-        kds = None if kwargs is None else KDS(num_particles=num_particles, **kwargs)
-        x = ddim_sample(predict_x0, noise, num_steps=num_steps, kds=kds)
+    for name, x in paired_runs(predict_x0, noise, configs, num_particles, num_steps, "part 1 (Figure 2)", progress):
         result.samples[name] = x
         result.metrics[name] = toy_metrics(x, mixture, num_particles)
     return result
