@@ -23,7 +23,7 @@ from PIL import Image  # noqa: E402
 
 from kds_hook.cli import main  # noqa: E402
 from kds_hook.restore import DEFAULT_INPAINT_MODEL  # noqa: E402
-from tiny_pipelines import tiny_ldm_sr_pipeline, tiny_sd_pipeline  # noqa: E402
+from kds_hook.testing import tiny_ldm_sr_pipeline, tiny_sd_pipeline  # noqa: E402
 
 FAST = ["--steps", "2", "--particles", "2", "--seed", "3"]
 CPU = ["--device", "cpu"]

@@ -1,4 +1,4 @@
-"""End-to-end tests of kds_hook.diffusers.run on tiny random-weight pipelines (tests/tiny_pipelines.py).
+"""End-to-end tests of kds_hook.diffusers.run on tiny random-weight pipelines (kds_hook.testing).
 
 The tiny UNets are random, so "steering works" is checked against exact expectations, not image quality:
 strength 0 and N = 1 are bit-identical to the plain pipeline on the N-expanded batch with the same noise, the x0
@@ -25,7 +25,7 @@ from kds_hook.diffusers.patch import patched_kds  # noqa: E402
 from kds_hook.diffusers.pipeline import SUPPORTED_PIPELINES, KDSPipelineOutput, run  # noqa: E402
 
 from reference import reference_mean_shift  # noqa: E402
-from tiny_pipelines import LDM_SR_SCHEDULERS, reload_pipeline, tiny_ldm_sr_pipeline, tiny_sd_pipeline  # noqa: E402
+from kds_hook.testing import LDM_SR_SCHEDULERS, reload_pipeline, tiny_ldm_sr_pipeline, tiny_sd_pipeline  # noqa: E402
 
 N = 3
 STEPS = 3

@@ -1,6 +1,7 @@
-"""Tiny random-weight diffusers pipelines built from configs: no downloads, deterministic, a few ms per UNet call.
+"""Tiny random-weight Stable Diffusion and LDM-SR pipelines built from configs: no downloads, deterministic, a few
+ms per UNet call.
 
-Used by the diffusers tests and the CLI tests. Every builder seeds torch itself and puts the models in eval mode
+Used by the diffusers tests and the CLI tests, and public so that users can try every example offline. Every builder seeds torch itself and puts the models in eval mode
 (as from_pretrained does; the tiny LDM-SR gave different outputs in training mode), so two calls with the same
 arguments give pipelines with identical weights. Shapes follow the real models at toy width:
 
@@ -107,7 +108,8 @@ def tiny_ldm_sr_pipeline(scheduler: str = "ddim", prediction_type: str = "epsilo
 
 
 def tiny_clip_tokenizer(directory: Optional[str] = None):
-    """A byte-level CLIPTokenizer with no merges, written to ``directory`` (a new temp dir if None) and loaded.
+    """A byte-level CLIPTokenizer with no merges, written to ``directory`` and loaded (with
+    ``directory=None``, a temporary folder that is removed once the tokenizer is loaded).
 
     The vocabulary holds the 256 byte characters, each also with the end-of-word marker, plus the two special
     tokens: 514 ids, so any text tokenizes (one token per byte). model_max_length is 77, as in CLIP.
@@ -119,7 +121,9 @@ def tiny_clip_tokenizer(directory: Optional[str] = None):
     except ImportError:  # pragma: no cover - older/newer layouts
         from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-    directory = directory or tempfile.mkdtemp(prefix="kds-tiny-tokenizer-")
+    if directory is None:  # the tokenizer holds its vocabulary in memory once loaded: leave no folder behind
+        with tempfile.TemporaryDirectory(prefix="kds-tiny-tokenizer-") as scratch:
+            return tiny_clip_tokenizer(scratch)
     chars = list(bytes_to_unicode().values())
     tokens = chars + [c + "</w>" for c in chars] + ["<|startoftext|>", "<|endoftext|>"]
     with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
