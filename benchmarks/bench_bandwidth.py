@@ -1,0 +1,231 @@
+"""Which data-driven bandwidth rule matches the best fixed h? A study on the exact-posterior restoration problem.
+
+For every setting (latent scale s, patch size, gate) the same ground truths and initial noise are sampled plainly,
+with KDS at a grid of fixed bandwidths h (in units of s, so the grid follows the data's scale), and with KDS
+under each candidate rule for ``bandwidth="auto"``. A rule is a pure function of the ensemble, exactly what
+:func:`kds_hook.auto_bandwidth` is: ``rule(sq_dists (B, M), num_particles) -> h (B,)``, applied per item and per
+call; the script swaps each candidate in for ``kds_hook.meanshift.auto_bandwidth`` while it runs.
+
+Scores, paired against plain sampling from the same noise (mean ± SE over ground truths):
+
+* ``logp``: posterior log-density per pixel, averaged over all N particles (KDS's claim: particles nearer the
+  posterior's modes, fewer low-density artifacts);
+* ``psnr``: PSNR of the KDS output (the particle closest to the ensemble mean), dB.
+
+For each score and setting the table gives the best fixed h, and for each rule its gain and its paired
+difference to that best fixed h; a rule "matches" where that difference is at least -1 SE of the best gain.
+
+The problem is the demo's (:func:`kds_hook.demo.posterior.default_problem`) scaled by s: prior means and
+observation noise times s, covariances times s^2 (the same images in other units; the diffusion schedule is not
+scaled, so the sampler sees a different signal-to-noise ratio, as with a latent space's scale factor).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_bandwidth.py [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Dict, List, Sequence
+
+import torch
+
+from _common import parse_args, progress, write_markdown
+
+import kds_hook.meanshift as meanshift
+from kds_hook import KDS
+from kds_hook.demo.posterior import LinearRestoration, MixturePrior, default_problem, psnr
+from kds_hook.demo.report import mean_se, markdown_table
+from kds_hook.demo.restoration import make_instance
+from kds_hook.demo.sampler import ddim_sample, ddpm_alphas_cumprod, x0_predictor_from_denoiser
+from kds_hook.selection import select_particles
+
+Rule = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+# ---------------------------------------------------------------- candidate rules
+
+
+def _positive(sq: torch.Tensor) -> torch.Tensor:
+    return sq.masked_fill(sq <= 0, float("nan"))
+
+
+def statistic_rule(statistic: str, factor: float = 1.0) -> Rule:
+    """h^2 = factor * statistic(positive squared distances) / (2 log N); statistic "median", "mean" or "qXX"."""
+
+    def rule(sq: torch.Tensor, n: int) -> torch.Tensor:
+        pos = _positive(sq)
+        if statistic == "median":
+            value = pos.nanmedian(dim=1).values
+        elif statistic == "mean":
+            value = pos.nanmean(dim=1)
+        else:
+            value = torch.nanquantile(pos, float(statistic[1:]) / 100.0, dim=1)
+        return torch.sqrt(factor * value.nan_to_num(0.0) / (2.0 * math.log(n)))
+
+    return rule
+
+
+def self_weight_rule(target: float) -> Rule:
+    """h such that 1 / (1 + (N - 1) mean_pairs exp(-d / 2h^2)) = target: the mean self-weight the kernel would
+    give if every particle saw the average pair weight (solved by bisection on log h)."""
+
+    def rule(sq: torch.Tensor, n: int) -> torch.Tensor:
+        pos = _positive(sq)
+        want = (1.0 / target - 1.0) / (n - 1)  # mean pair weight that gives the target
+        hi_d = pos.nan_to_num(0.0).amax(dim=1).clamp_min(1e-30)
+        lo_d = pos.nan_to_num(float("inf")).amin(dim=1).clamp(max=hi_d)
+        lo, hi = 0.5 * lo_d.log() - 10.0, 0.5 * hi_d.log() + 10.0  # log h brackets
+        valid = ~torch.isnan(pos)
+        d = pos.nan_to_num(0.0)
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            w = torch.exp(-d / (2.0 * torch.exp(2.0 * mid)).unsqueeze(1)) * valid
+            mean_w = w.sum(1) / valid.sum(1).clamp_min(1)
+            too_wide = mean_w > want
+            hi = torch.where(too_wide, mid, hi)
+            lo = torch.where(too_wide, lo, mid)
+        h = torch.exp(0.5 * (lo + hi))
+        return torch.where(valid.any(1), h, torch.zeros_like(h))
+
+    return rule
+
+
+RULES: Dict[str, Rule] = {
+    "median (auto)": meanshift.auto_bandwidth,
+    "2 x median": statistic_rule("median", 2.0),
+    "4 x median": statistic_rule("median", 4.0),
+    "mean": statistic_rule("mean"),
+    "q90": statistic_rule("q90"),
+    "self-weight 0.3": self_weight_rule(0.3),
+    "self-weight 0.5": self_weight_rule(0.5),
+}
+FIXED = [0.1, 0.2, 0.3, 0.5, 0.7, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0, math.inf]
+
+
+@contextlib.contextmanager
+def using_rule(rule: Rule):
+    """``bandwidth="auto"`` computes h with ``rule`` inside the block."""
+    original = meanshift.auto_bandwidth
+    meanshift.auto_bandwidth = rule
+    try:
+        yield
+    finally:
+        meanshift.auto_bandwidth = original
+
+
+# ---------------------------------------------------------------- the exact problem
+
+
+def scaled_problem(scale: float) -> LinearRestoration:
+    base = default_problem()
+    p = base.prior
+    return LinearRestoration(MixturePrior(p.means * scale, p.covs * scale**2, p.weights), base.operator,
+                             base.noise_std * scale)
+
+
+def exact_setting(scale: float, patch: int, threshold: float, *, images: int, size: int, particles: int,
+                  steps: int, rules: Dict[str, Rule], fixed: Sequence[float]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Per-image scores (G,) of plain sampling, each fixed h ("h=..."), and each rule, from the same noise."""
+    inst = make_instance(scaled_problem(scale), images, size, seed=0)
+    predict = x0_predictor_from_denoiser(inst.posterior, ddpm_alphas_cumprod())
+    noise = torch.randn(images * particles, 4, size, size, dtype=torch.float64,
+                        generator=torch.Generator().manual_seed(1))
+
+    def score(x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        logp = inst.posterior.log_prob(x).reshape(images, particles, -1).mean(dim=(1, 2))
+        chosen = select_particles(x, particles, "mean").sample
+        return {"logp": logp, "psnr": psnr(chosen, inst.truth, peak_to_peak=2.0 * scale)}
+
+    out = {"plain": score(ddim_sample(predict, noise, num_steps=steps))}
+    for h in fixed:
+        kds = KDS(particles, patch_size=patch, bandwidth=h * scale, threshold=threshold)
+        out[f"h={h:g}"] = score(ddim_sample(predict, noise, num_steps=steps, kds=kds))
+    for name, rule in rules.items():
+        with using_rule(rule):
+            kds = KDS(particles, patch_size=patch, bandwidth="auto", threshold=threshold)
+            out[name] = score(ddim_sample(predict, noise, num_steps=steps, kds=kds))
+    return out
+
+
+# ---------------------------------------------------------------- reading the results
+
+
+def gains(results: Dict[str, Dict[str, torch.Tensor]], metric: str, sign: float = 1.0) -> Dict[str, torch.Tensor]:
+    """Paired gains over plain (positive = better; ``sign=-1`` for lower-is-better metrics)."""
+    base = results["plain"][metric]
+    return {name: sign * (values[metric] - base) for name, values in results.items() if name != "plain"}
+
+
+def verdict(gain: Dict[str, torch.Tensor], rules: Sequence[str]) -> Dict[str, object]:
+    """Best fixed h by mean gain; each rule's gain, its paired difference to that h, and whether it matches."""
+    fixed = {k: v for k, v in gain.items() if k.startswith("h=")}
+    best = max(fixed, key=lambda k: float(fixed[k].mean()))
+    best_mean, best_se = mean_se(fixed[best])
+    rows = {}
+    for rule in rules:
+        diff_mean, diff_se = mean_se(gain[rule] - fixed[best])
+        rows[rule] = (mean_se(gain[rule]), (diff_mean, diff_se), diff_mean >= -best_se)
+    return {"best": best, "best_gain": (best_mean, best_se), "rules": rows}
+
+
+def fmt(pair, digits=3, signed=True) -> str:
+    mean, se = pair
+    return f"{mean:{'+' if signed else ''}.{digits}f} ± {se:.{digits}f}"
+
+
+def settings_table(records: List[dict], metric: str, rules: Sequence[str], digits: int) -> str:
+    headers = ["setting", "best fixed h", "its gain"] + [f"{r}" for r in rules]
+    rows = []
+    for rec in records:
+        v = rec["verdicts"][metric]
+        cells = []
+        for rule in rules:
+            (g, diff, ok) = v["rules"][rule]
+            cells.append(f"{fmt(g, digits)} ({'ok' if ok else 'no'})")
+        rows.append([rec["label"], v["best"], fmt(v["best_gain"], digits)] + cells)
+    return markdown_table(headers, rows)
+
+
+def match_counts(records: List[dict], metric: str, rules: Sequence[str]) -> str:
+    counts = {r: sum(bool(rec["verdicts"][metric]["rules"][r][2]) for rec in records) for r in rules}
+    return ", ".join(f"{r}: {c}/{len(records)}" for r, c in counts.items())
+
+
+def main() -> None:
+    args = parse_args(__doc__.split("\n")[0])
+    if args.quick:
+        sizes = dict(images=3, size=8, particles=5, steps=10)
+        scales, patches, thresholds = [1.0], [1, 4], [0.3]
+        fixed = [0.3, 1.0, math.inf]
+        rules = {k: RULES[k] for k in ("median (auto)", "mean")}
+    else:
+        sizes = dict(images=16, size=16, particles=10, steps=50)
+        scales, patches, thresholds = [0.5, 1.0, 4.0], [1, 2, 4, 8], [0.3, 0.0]
+        fixed, rules = FIXED, RULES
+    records = []
+    for threshold in thresholds:
+        for scale in scales:
+            for patch in patches:
+                label = f"s={scale:g}, patch {patch}, " + ("paper gate" if threshold else "no gate")
+                progress(label)
+                results = exact_setting(scale, patch, threshold, rules=rules, fixed=fixed, **sizes)
+                verdicts = {m: verdict(gains(results, m), list(rules)) for m in ("logp", "psnr")}
+                records.append({"label": label, "verdicts": verdicts})
+    names = list(rules)
+    sections = [
+        f"{sizes['images']} ground truths of 4x{sizes['size']}x{sizes['size']}, N={sizes['particles']}, DDIM "
+        f"{sizes['steps']} steps; fixed h in units of the scale s: {', '.join(f'{h:g}' for h in fixed)}. Each "
+        "cell: the rule's paired gain over plain sampling (mean ± SE over ground truths), 'ok' where it is within "
+        "1 SE of the best fixed h's gain (by the paired difference).",
+        "### Posterior log-density per pixel, mean over the N particles (higher is better)\n\n"
+        + settings_table(records, "logp", names, 3) + "\n\nMatches: " + match_counts(records, "logp", names),
+        "### PSNR of the output (closest to the ensemble mean), dB\n\n"
+        + settings_table(records, "psnr", names, 3) + "\n\nMatches: " + match_counts(records, "psnr", names),
+    ]
+    command = "OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_bandwidth.py" + (" --quick" if args.quick else "")
+    write_markdown(args.out, "bandwidth", command, "\n\n".join(sections), args.quick)
+
+
+if __name__ == "__main__":
+    main()
