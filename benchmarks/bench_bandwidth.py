@@ -148,6 +148,47 @@ def exact_setting(scale: float, patch: int, threshold: float, *, images: int, si
     return out
 
 
+# ---------------------------------------------------------------- the learned model, on training-side photos
+
+
+def learned_setting(patch: int, *, crops: int, size: int, particles: int, steps: int, rules: Dict[str, Rule],
+                    fixed: Sequence[float], progress_line=None) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Per-crop scores (PSNR, and LPIPS sign-flipped so that higher is better) of the built-in model's output on
+    crops of the *training* photos (never the held-out ones), plain and with KDS (paper gate) per fixed h and
+    rule, all from the same noise."""
+    from kds_hook.demo.photo import load_lpips_or_none, low_resolution, photo_crop, sample_particles, score_images
+    from kds_hook.sr import TRAIN_PHOTOS, load_builtin
+
+    pipe = load_builtin()
+    lpips_model = load_lpips_or_none(progress)
+    # everyday colour scenes among the training photos (not the microscopy or deep-field ones), two crops each
+    photos = [name for name in ("astronaut", "rocket", "china", "grace_hopper") if name in TRAIN_PHOTOS]
+    centres = [(0.35, 0.4), (0.6, 0.6)]
+    truth = torch.stack([photo_crop(name, size, c) for name in photos for c in centres][:crops])
+    low_res = low_resolution(truth)
+    noise = torch.randn(truth.shape[0] * particles, 3, size, size, generator=torch.Generator().manual_seed(1))
+
+    def score(kds=None) -> Dict[str, torch.Tensor]:
+        run = sample_particles(pipe, low_res, noise, particles, kds=kds, num_inference_steps=steps)
+        scores = score_images(run.selected()[0], truth, lpips_model)
+        out = {"psnr": scores["psnr"]}
+        if "lpips" in scores:
+            out["neg_lpips"] = -scores["lpips"]
+        return out
+
+    out = {"plain": score()}
+    for h in fixed:
+        if progress_line:
+            progress_line(f"  h={h:g}")
+        out[f"h={h:g}"] = score(KDS(particles, patch_size=patch, bandwidth=h))
+    for name, rule in rules.items():
+        if progress_line:
+            progress_line(f"  {name}")
+        with using_rule(rule):
+            out[name] = score(KDS(particles, patch_size=patch, bandwidth="auto"))
+    return out
+
+
 # ---------------------------------------------------------------- reading the results
 
 

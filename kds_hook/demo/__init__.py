@@ -1,7 +1,8 @@
 """``kds-hook demo``: offline evidence on problems with a known answer.
 
 Part 1 is the paper's Figure 2 (three 2-D Gaussians, exact score, N = 50); part 2 is a restoration problem with
-an exact posterior (:mod:`kds_hook.demo.posterior`). Both compare plain DDIM and DDIM + KDS from the same
+an exact posterior (:mod:`kds_hook.demo.posterior`); part 3 upscales a held-out photo with the built-in model
+(:mod:`kds_hook.demo.photo`; ``photo.png``, ``photo.md``; skipped with a message when the model is missing). Both compare plain DDIM and DDIM + KDS from the same
 initial noise and report paired differences. Outputs in ``--out`` (default ``./kds-demo``): ``figure2.png``,
 ``figure2.md``, ``restoration.md`` and ``README.md`` (both tables), and a marker ``.kds-hook-demo`` that records
 what was written. No other file is touched, and a same-named file is replaced only if the marker shows it is
@@ -22,7 +23,7 @@ import torch
 
 __all__ = ["register", "run_demo", "OUTPUT_FILES"]
 
-OUTPUT_FILES = ("figure2.png", "figure2.md", "restoration.md", "README.md")
+OUTPUT_FILES = ("figure2.png", "figure2.md", "restoration.md", "README.md", "photo.png", "photo.md")
 # Written into the output folder last: the SHA-256 of every file the demo wrote. A file whose content still has
 # its recorded hash is ours and may be replaced; anything else (a user's file, or ours edited since) is not.
 _MARKER = ".kds-hook-demo"
@@ -195,9 +196,13 @@ def _run(out: str, quick: bool, log: Callable[[str], None]) -> Dict[str, str]:
         f"{sizes['steps']} steps, patch size 1, delta=0.3 while t/T >= 0.3)\n\n"
         + restoration_tables(restoration) + note + "\n"
     )
+    from .photo import run_photo_part  # part 3: a held-out photo and the built-in model (skipped without them)
+
+    photo = run_photo_part(quick=quick, progress=progress)
+    photo_md = photo[0] if photo else ""
     readme = (
         "# kds-hook demo\n\nRegenerate with `kds-hook demo" + (" --quick" if quick else "") + "`.\n\n"
-        + toy_md + "\n" + restoration_md
+        + toy_md + "\n" + restoration_md + ("\n" + photo_md if photo else "")
     )
     contents = {
         "figure2.png": figure.getvalue(),
@@ -205,12 +210,14 @@ def _run(out: str, quick: bool, log: Callable[[str], None]) -> Dict[str, str]:
         "restoration.md": restoration_md.encode(),
         "README.md": readme.encode(),
     }
-    paths = {name: os.path.join(out, name) for name in OUTPUT_FILES}
+    if photo:
+        contents.update({"photo.md": photo_md.encode(), "photo.png": photo[1]})
+    paths = {name: os.path.join(out, name) for name in OUTPUT_FILES if name in contents}
     for name, data in contents.items():
         with open(paths[name], "wb") as f:
             f.write(data)
     _write_marker(out, paths)
-    log("\n" + toy_md + "\n" + restoration_md)
+    log("\n" + toy_md + "\n" + restoration_md + ("\n" + photo_md if photo else ""))
     progress(f"done: outputs in {os.path.abspath(out)}")
     return paths
 

@@ -231,7 +231,7 @@ def run_photo_part(
         f"from the same noise, {seeds} noise seeds; each output is the particle closest to its ensemble mean. "
         f"Mean ± SE over {units} crop-seed pairs (only {units}: a demonstration, the benchmark has the evidence, "
         f"docs/real-photos.md).{lpips_note}\n\n"
-        + markdown_table(headers, rows) + "\n\nPaired (same crop, same noise):\n\n" + markdown_table(headers, paired)
+        + markdown_table(headers, rows) + "\n\nPaired (same crop, same noise):\n\n" + markdown_table(["difference"] + headers[1:], paired)
         + note + "\n\n![LR, bicubic, plain, KDS, ground truth](photo.png)\n"
     )
     png = io.BytesIO()
