@@ -242,3 +242,14 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path):
     record = json.loads((tmp_path / "a" / "training.json").read_text())
     assert record["steps_done"] == 3 and (tmp_path / "a" / "loss_curve.png").is_file()
     assert "--steps 3" in (tmp_path / "a" / "MODEL_CARD.md").read_text()
+
+
+def test_decoder_pairs_selected_rows_with_their_bicubic_image(pipe):
+    upsampled = torch.rand(6, 3, 8, 8) * 2 - 1
+    upsampled[1], upsampled[2], upsampled[4], upsampled[5] = upsampled[0], upsampled[0], upsampled[3], upsampled[3]
+    latents = torch.randn(6, 3, 8, 8) * 0.1
+    all_rows = pipe.decoder.decode(latents, upsampled)
+    chosen = pipe.decoder.decode(latents[[2, 4]], upsampled)  # one particle of each of 2 inputs with N = 3
+    torch.testing.assert_close(chosen, all_rows[[2, 4]], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot pair"):
+        pipe.decoder.decode(latents[:4], upsampled)
