@@ -253,3 +253,15 @@ def test_decoder_pairs_selected_rows_with_their_bicubic_image(pipe):
     torch.testing.assert_close(chosen, all_rows[[2, 4]], rtol=0, atol=0)
     with pytest.raises(ValueError, match="cannot pair"):
         pipe.decoder.decode(latents[:4], upsampled)
+
+
+def test_api_page_lists_every_public_name():
+    import re
+
+    import kds_hook.sr
+
+    text = (REPO / "docs" / "api.md").read_text()
+    section = text.split("## `kds_hook.sr`", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", "\n".join(
+        line.split("|")[1] for line in section.splitlines() if line.startswith("| `"))))
+    assert set(kds_hook.sr.__all__) <= listed, sorted(set(kds_hook.sr.__all__) - listed)
