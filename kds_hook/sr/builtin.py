@@ -38,12 +38,25 @@ def load_pipeline(
             "reinstall kds-hook (the weights ship in the package) or regenerate them with "
             "`python benchmarks/train_sr.py --out kds_hook/sr/builtin` (see docs/sr-model.md)"
         )
+    from diffusers.utils import logging as diffusers_logging
+
     from .pipeline import KDSSuperResolutionPipeline
 
-    pipe = KDSSuperResolutionPipeline.from_pretrained(str(folder))
+    # quietly: no "Loading pipeline components" bar, no advice to install accelerate
+    bar, verbosity = diffusers_logging.is_progress_bar_enabled(), diffusers_logging.get_verbosity()
+    diffusers_logging.disable_progress_bar()
+    diffusers_logging.set_verbosity_error()
+    try:
+        pipe = KDSSuperResolutionPipeline.from_pretrained(str(folder))
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
+        if bar:
+            diffusers_logging.enable_progress_bar()
     pipe.unet.eval()
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device=device or "cpu", dtype=dtype)
+    if pipe.unet.dtype != dtype:
+        pipe.unet.to(dtype=dtype)
+    return pipe.to(device or "cpu")
 
 
 def load_builtin(device: Optional[Union[str, torch.device]] = None, dtype: torch.dtype = torch.float32):

@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from .resize import SCALE, bicubic_upsample
 
-__all__ = ["KDSSuperResolutionPipeline", "preprocess"]
+__all__ = ["KDSSuperResolutionPipeline", "ResidualDecoder", "preprocess"]
 
 ImageInput = Union[PIL.Image.Image, torch.Tensor, np.ndarray, Sequence[PIL.Image.Image]]
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
@@ -69,6 +69,32 @@ def preprocess(image: ImageInput) -> torch.Tensor:
     raise TypeError(f"image must be a PIL image, a list of PIL images, a uint8 array or a tensor; got {type(image)}")
 
 
+class ResidualDecoder:
+    """The pipeline's decoder: final latents (scaled residuals) plus the bicubic images give the images.
+
+    It plays the part of an autoencoder's ``decode`` (``pipe.decoder.decode``), the one place where the final
+    latents become pixels, so :func:`kds_hook.diffusers.run` can select particles there as it does for latent
+    pipelines. Not a model: it has no weights and is not saved.
+    """
+
+    def __init__(self, residual_scale: float):
+        self.residual_scale = float(residual_scale)
+
+    def decode(self, latents: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
+        """Images ``upsampled + latents / residual_scale`` clamped to [-1, 1], float32, from (B, 3, H, W) inputs.
+
+        ``upsampled`` may also hold k rows per latent row, k equal rows each (the k particles of one input share
+        their bicubic image): then every k-th row is used, so a selection of particles can be decoded alone.
+        """
+        rows = latents.shape[0]
+        if upsampled.shape[0] != rows:
+            if rows == 0 or upsampled.shape[0] % rows:
+                raise ValueError(f"cannot pair {rows} latent rows with {upsampled.shape[0]} bicubic images")
+            upsampled = upsampled[:: upsampled.shape[0] // rows]
+        residual = latents.to(torch.float32) / self.residual_scale
+        return (upsampled.to(residual.device, torch.float32) + residual).clamp(-1.0, 1.0)
+
+
 class KDSSuperResolutionPipeline(DiffusionPipeline):
     """4x super-resolution by pixel-space diffusion on the residual to bicubic upsampling.
 
@@ -79,6 +105,7 @@ class KDSSuperResolutionPipeline(DiffusionPipeline):
         residual_scale: the diffusion variable is ``residual_scale * (hr - bicubic)``; saved in
             ``model_index.json``.
 
+    ``pipe.decoder`` (:class:`ResidualDecoder`) turns the final latents into images.
     ``save_pretrained(directory)`` writes the usual diffusers layout; ``from_pretrained(directory)`` on this class
     reads it back (``DiffusionPipeline.from_pretrained`` cannot: the class is not part of diffusers).
     :func:`kds_hook.sr.load_builtin` loads the weights that ship with kds-hook.
@@ -93,6 +120,7 @@ class KDSSuperResolutionPipeline(DiffusionPipeline):
             raise ValueError(f"residual_scale must be a positive finite number, got {residual_scale}")
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(residual_scale=residual_scale)
+        self.decoder = ResidualDecoder(residual_scale)
 
     @property
     def residual_scale(self) -> float:
@@ -107,21 +135,6 @@ class KDSSuperResolutionPipeline(DiffusionPipeline):
         """The bicubic 4x upsampling of ``image`` (any form :func:`preprocess` takes), (B, 3, 4h, 4w) float32 on
         the pipeline's device: the model's conditioning and the base of its output."""
         return bicubic_upsample(preprocess(image).to(self.device, torch.float32), SCALE)
-
-    def decode(self, latents: torch.Tensor, upsampled: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] from final latents (scaled residuals) and the bicubic images, both (B, 3, H, W).
-
-        ``upsampled`` may also hold k rows per latent row, k equal rows each (the k particles of one input share
-        their bicubic image): then every k-th row is used. This lets a caller decode only a selection of
-        particles.
-        """
-        rows = latents.shape[0]
-        if upsampled.shape[0] != rows:
-            if rows == 0 or upsampled.shape[0] % rows:
-                raise ValueError(f"cannot pair {rows} latent rows with {upsampled.shape[0]} bicubic images")
-            upsampled = upsampled[:: upsampled.shape[0] // rows]
-        residual = latents.to(torch.float32) / self.residual_scale
-        return (upsampled.to(residual.device, torch.float32) + residual).clamp(-1.0, 1.0)
 
     @torch.no_grad()
     def __call__(
@@ -185,7 +198,7 @@ class KDSSuperResolutionPipeline(DiffusionPipeline):
         if output_type == "latent":
             images: Any = latents
         else:
-            decoded = self.decode(latents, upsampled)[..., :height, :width]
+            decoded = self.decoder.decode(latents, upsampled)[..., :height, :width]
             images = (decoded + 1.0) / 2.0
             if output_type != "pt":
                 images = images.cpu().permute(0, 2, 3, 1).numpy()
