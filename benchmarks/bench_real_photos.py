@@ -119,7 +119,6 @@ def main() -> None:
         h_sweep, n_sweep = [0.1, 0.6, 1.0], [5, 20]
     torch.set_num_threads(1)
     pipe = load_pipeline(args.model) if args.model else load_builtin()
-    residual_scale = pipe.residual_scale
     lpips_model = load_lpips_or_none(progress)
     metrics = ["psnr", "ssim"] + (["lpips"] if lpips_model is not None else [])
     names = [f"{p} @ {c}" for p in photos for c in centres]
@@ -129,7 +128,7 @@ def main() -> None:
     bicubic = ((pipe.upsample(low_res) + 1) / 2).clamp(0, 1).float()
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
-        return ((pipe.upsample(low_res) + latents / residual_scale).clamp(-1, 1) + 1) / 2
+        return (pipe.decoder.decode(latents, pipe.upsample(low_res)) + 1) / 2
 
     def noise_for(seed: int, particles: int) -> torch.Tensor:
         # (crops, max N, ...) drawn once per seed: every N uses the first N particles' noise of each crop

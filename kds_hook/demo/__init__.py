@@ -2,9 +2,10 @@
 
 Part 1 is the paper's Figure 2 (three 2-D Gaussians, exact score, N = 50); part 2 is a restoration problem with
 an exact posterior (:mod:`kds_hook.demo.posterior`); part 3 upscales a held-out photo with the built-in model
-(:mod:`kds_hook.demo.photo`; ``photo.png``, ``photo.md``; skipped with a message when the model is missing). Both compare plain DDIM and DDIM + KDS from the same
-initial noise and report paired differences. Outputs in ``--out`` (default ``./kds-demo``): ``figure2.png``,
-``figure2.md``, ``restoration.md`` and ``README.md`` (both tables), and a marker ``.kds-hook-demo`` that records
+(:mod:`kds_hook.demo.photo`; skipped with a message when the model is missing). Each compares plain DDIM and
+DDIM + KDS from the same initial noise and reports paired differences. Outputs in ``--out`` (default
+``./kds-demo``): ``figure2.png``, ``figure2.md``, ``restoration.md``, ``photo.png``, ``photo.md`` and
+``README.md`` (all tables), and a marker ``.kds-hook-demo`` that records
 what was written. No other file is touched, and a same-named file is replaced only if the marker shows it is
 unchanged since the demo wrote it (or with ``--force``).
 """
@@ -49,12 +50,14 @@ def register(commands) -> None:
     """Adds the ``demo`` sub-command to the ``kds-hook`` parser's sub-commands."""
     parser = commands.add_parser(
         "demo",
-        help="run the offline demo (Figure 2 toy and an exact-posterior restoration problem)",
+        help="run the offline demo (Figure 2 toy, an exact-posterior restoration problem, a held-out photo)",
         description=(
             "Offline evidence on problems with a known answer: the paper's Figure 2 (three 2-D Gaussians, exact "
             "score, N=50) and a restoration problem with an exact posterior, each comparing plain DDIM with DDIM + "
-            "KDS from the same noise (paired, over seeds). Prints progress and tables; writes figure2.png, "
-            "figure2.md, restoration.md, README.md and a marker .kds-hook-demo into --out. A same-named file is "
+            "KDS from the same noise (paired, over seeds); then 4x super-resolution of a held-out photo with the "
+            "built-in model, plain and KDS from the same noise. Prints progress and tables; writes figure2.png, "
+            "figure2.md, restoration.md, photo.png, photo.md, README.md and a marker .kds-hook-demo into --out. "
+            "A same-named file is "
             "replaced only if the marker shows the demo wrote it and it is unchanged since (or with --force); "
             "nothing else is touched."
         ),

@@ -97,7 +97,7 @@ def sample_particles(
     seconds = time.process_time() - start
     height, width = rows.shape[-2] * 4, rows.shape[-1] * 4
     upsampled = pipe.upsample(rows)
-    images = (pipe.decode(latents[..., :height, :width], upsampled) + 1.0) / 2.0
+    images = (pipe.decoder.decode(latents[..., :height, :width], upsampled) + 1.0) / 2.0
     return PhotoRun(latents[..., :height, :width].float(), images.float(), num_particles, seconds)
 
 
