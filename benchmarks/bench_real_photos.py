@@ -42,10 +42,11 @@ from kds_hook.demo.photo import (
     low_resolution,
     photo_crop,
     plot_crops,
+    score_label,
     sample_particles,
     score_images,
 )
-from kds_hook.demo.report import fmt_mean_se, markdown_table, mean_se
+from kds_hook.demo.report import fmt_mean_se, markdown_table
 from kds_hook.sr import HELD_OUT_PHOTOS, bicubic_downsample, load_builtin, load_pipeline
 
 PAPER = {"bandwidth": 0.3}
@@ -68,11 +69,6 @@ def laplacian_energy(images: torch.Tensor) -> torch.Tensor:
     x = images
     lap = 4 * x[..., 1:-1, 1:-1] - x[..., :-2, 1:-1] - x[..., 2:, 1:-1] - x[..., 1:-1, :-2] - x[..., 1:-1, 2:]
     return lap.square().flatten(1).sum(1)
-
-
-def score_label(scores: Dict[str, torch.Tensor]) -> str:
-    text = f"{float(scores['psnr']):.2f} dB"
-    return text + (f", LPIPS {float(scores['lpips']):.3f}" if "lpips" in scores else "")
 
 
 def plot_worst(joined: Dict[str, Dict[str, torch.Tensor]], metrics: List[str], path: str) -> None:
@@ -121,7 +117,6 @@ def main() -> None:
     pipe = load_pipeline(args.model) if args.model else load_builtin()
     lpips_model = load_lpips_or_none(progress)
     metrics = ["psnr", "ssim"] + (["lpips"] if lpips_model is not None else [])
-    names = [f"{p} @ {c}" for p in photos for c in centres]
     truth = torch.stack([photo_crop(p, size, c) for p in photos for c in centres])
     low_res = low_resolution(truth)
     crops = truth.shape[0]
