@@ -287,9 +287,7 @@ class ParticleGroup:
                 f"KDS {_OPERATIONS.get(rows[0][1], 'call')} failed on rank(s) {', '.join(map(str, failed))} of "
                 f"{self.world_size} ({reasons}); every rank raises this error"
             )
-            if local_error is not None:
-                raise ValueError(f"{message}. This rank's own error: {local_error}") from local_error
-            raise ValueError(message)
+            raise ValueError(message) from local_error  # the failing rank's own error is the cause, for detail
         differing = _differing_fields(rows)
         if differing:
             raise ValueError(
