@@ -92,9 +92,11 @@ def _rank_main(rank: int, args: argparse.Namespace, store: str, world_size: int)
         for label, shape in LATENTS.items():
             if args.quick and label != "4x64x64":
                 continue
-            unet = tiny_unet(shape[0], shape[1]).to(device, dtype)
+            unet = tiny_unet(shape[0], shape[1]).to(device)
+            if dtype != torch.float32:
+                unet = unet.to(dtype)
             for n in COUNTS:
-                kds = KDS(num_particles=n, bandwidth="auto", strength=0.3, threshold=0.0)
+                kds = KDS(num_particles=n, bandwidth=args.bandwidth, strength=0.3, threshold=0.0)
                 shared = kds_distributed.ParticleGroup(group, n)  # also at W = 1, so the collectives run
                 offset, count = shared.share
                 noise = torch.randn((n,) + shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
@@ -154,7 +156,7 @@ def _print_table(rows, args: argparse.Namespace, world_size: int) -> None:
     print()
     print(
         f"W = {world_size}, backend {args.backend}, device {args.device}, {args.dtype}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s) per rank, {args.repeats} repeats, bandwidth auto, patch 1"
+        f"{torch.get_num_threads()} thread(s) per rank, {args.repeats} repeats, bandwidth {args.bandwidth}, patch 1"
     )
     print()
     print(
@@ -266,15 +268,19 @@ def main() -> None:
     parser.add_argument("--backend", default="gloo", choices=("gloo", "nccl"))
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--quick", action="store_true", help="the 4x64x64 latent only, 2 repeats: a smoke test")
+    parser.add_argument("--repeats", type=int, default=None, help="default 5 (2 with --quick)")
+    parser.add_argument(
+        "--bandwidth", type=lambda v: v if v == "auto" else float(v), default="auto",
+        help='"auto" (every rank computes every pair\'s distance for the median) or a fixed h',
+    )
+    parser.add_argument("--quick", action="store_true", help="the 4x64x64 latent only: a smoke test")
     parser.add_argument("--compare-meanshift", metavar="REV", help="time the single-process mean shift against REV")
     args = parser.parse_args()
     if args.compare_meanshift:
         compare_meanshift(args)
         return
-    if args.quick:
-        args.repeats = 2
+    if args.repeats is None:
+        args.repeats = 2 if args.quick else 5
     if args.backend == "nccl" and args.device != "cuda":
         parser.error("--backend nccl needs --device cuda")
     run_distributed(args)

@@ -5,7 +5,7 @@
 every call of :meth:`~kds_hook.KDS.steer_x0` and :meth:`~kds_hook.KDS.select` takes and returns that rank's
 rows only: (B*n_r, ...), the n_r particles of each item contiguous. What a steered call moves:
 
-1. a settings fingerprint (:data:`FINGERPRINT_FIELDS`, 33 int64 per rank, all-gathered): every rank checks that
+1. a settings fingerprint (``FINGERPRINT_FIELDS``, 33 int64 per rank, all-gathered): every rank checks that
    all ranks run the same settings, shapes, step and diffusion time, and that none of them failed its own
    input checks; a mismatch or a failure raises the same ``ValueError`` on every rank, so no rank computes with
    another's data or waits for a collective that never comes;
@@ -29,14 +29,14 @@ import hashlib
 import math
 import numbers
 import struct
-from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from ._checks import check_finite, check_no_autograd, check_particle_batch
+from .selection import SELECTION_METHODS, Selection
 
 __all__ = [
-    "FINGERPRINT_FIELDS",
     "ParticleShare",
     "particle_generators",
     "particle_noise",
@@ -168,7 +168,6 @@ _STEER, _SELECT = 1, 2
 _OPERATIONS = {_STEER: "steer_x0", _SELECT: "select"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
-_SELECTIONS = ("mean", "density", "medoid")  # kds_hook.selection.SELECTION_METHODS, in its order
 # Failures of a rank's own input checks, sent in the fingerprint so that every rank raises, not only that one.
 _OK, _NON_FINITE, _BAD_BATCH, _REQUIRES_GRAD = 0, 1, 2, 3
 _STATUS = {
@@ -201,7 +200,7 @@ class ParticleGroup:
     """One KDS's view of its process group: this rank's share and the collectives of steering and selection.
 
     Built by :class:`~kds_hook.KDS`; not public API. Every collective is preceded by the all-gather of a
-    fingerprint (:data:`FINGERPRINT_FIELDS`), checked on every rank the same way.
+    fingerprint (``FINGERPRINT_FIELDS``), checked on every rank the same way.
     """
 
     def __init__(self, group, num_particles: int):
@@ -243,8 +242,7 @@ class ParticleGroup:
         patch_fields = [1, *patch, *[0] * (3 - len(patch))] if isinstance(patch, tuple) else [0, patch, 0, 0]
         bandwidth = kds.meanshift.bandwidth
         gate = kds.gate
-        valid = items > 0
-        particle_shape = list(x.shape[1:]) if valid else []
+        particle_shape = list(x.shape[1:]) if items > 0 else []
         fields = [
             _PROTOCOL,
             operation,
@@ -256,16 +254,16 @@ class ParticleGroup:
             _float_bits(gate.strength),
             _float_bits(gate.threshold),
             int(gate.schedule is not None),
-            _SELECTIONS.index(kds.selection),
+            SELECTION_METHODS.index(kds.selection),
             int(kds.check_finite),
             int(kds.record),
-            items if valid else -1,
+            items if items > 0 else -1,
             _DTYPES.index(x.dtype) if isinstance(x, torch.Tensor) and x.dtype in _DTYPES else -1,
             len(particle_shape),
             *(particle_shape + [0] * (4 - len(particle_shape)))[:4],
             *_step_strength_fields(strength),
             _float_bits(t_frac),
-            -1 if method is None else _SELECTIONS.index(method),
+            -1 if method is None else SELECTION_METHODS.index(method),
             _DEVICE_TYPES.index(x.device.type) if isinstance(x, torch.Tensor) and x.device.type in _DEVICE_TYPES else -1,
             status,
         ]
@@ -413,7 +411,7 @@ def _decode(name: str, value: Tuple[int, ...]) -> str:
     if name == "device type":
         return _DEVICE_TYPES[value[0]] if 0 <= value[0] < len(_DEVICE_TYPES) else "other"
     if name in ("selection", "selection method"):
-        return _SELECTIONS[value[0]] if 0 <= value[0] < len(_SELECTIONS) else "-"
+        return SELECTION_METHODS[value[0]] if 0 <= value[0] < len(SELECTION_METHODS) else "-"
     if name == "operation":
         return _OPERATIONS.get(value[0], str(value[0]))
     if name == "step strength":
@@ -465,8 +463,6 @@ def select(group: ParticleGroup, kds, x: torch.Tensor, method: str):
     ``"density"``/``"medoid"`` need every pair of particles: the ensemble is all-gathered (as in a steered step),
     each rank scores its own particles, the (B, N) scores are all-gathered.
     """
-    from .selection import SELECTION_METHODS, Selection
-
     if method not in SELECTION_METHODS:
         raise ValueError(f"unknown selection method {method!r}; choose one of {', '.join(SELECTION_METHODS)}")
     if not isinstance(x, torch.Tensor):

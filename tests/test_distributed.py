@@ -523,3 +523,30 @@ def test_kds_refuses_what_is_not_a_process_group():
         KDS(4, process_group="world")
     kds = KDS(4)
     assert (kds.particle_share, kds.local_particles, kds.world_size, kds.rank) == ((0, 4), 4, 1, 0)
+
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "distributed.md"
+
+
+def test_api_reference_lists_the_distributed_names():
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "api.md").read_text()
+    section = text.split("## `kds_hook.distributed`", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"^\| `([A-Za-z_][A-Za-z0-9_]*)", section, flags=re.M))
+    assert set(kds_distributed.__all__) <= listed, set(kds_distributed.__all__) - listed
+
+
+def test_the_torchrun_example_runs_alone_as_written(tmp_path):
+    import re
+    import subprocess
+    import sys
+
+    blocks = re.findall(r"```python\n(.*?)```", DOC.read_text(), re.S)
+    script = next(block for block in blocks if "init_process_group" in block)
+    (tmp_path / "kds_torchrun.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "kds_torchrun.py"], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("world size 1: selected particles [")
