@@ -464,18 +464,7 @@ def test_particle_range_gives_the_rows_of_the_full_result(monkeypatch, matmul, b
 
 def test_particle_range_needs_no_full_maps_with_a_fixed_bandwidth():
     """Rows only: the largest intermediate is bounded by x or the (B, L, n, N) maps, not (B, L, N, N)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-    from torch.utils._pytree import tree_leaves
-
-    class Largest(TorchDispatchMode):
-        largest = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            out = func(*args, **(kwargs or {}))
-            for leaf in tree_leaves(out):
-                if isinstance(leaf, torch.Tensor):
-                    self.largest = max(self.largest, leaf.numel())
-            return out
+    from test_meanshift import _LargestTensor as Largest  # the guard of the single-process test
 
     n, items, rows = 16, 2, (4, 8)
     x = _ensemble(items, n, (2, 6, 6), torch.float32)
