@@ -223,6 +223,24 @@ def test_install_needs_a_comfyui_folder(tmp_path):
     assert not (root / "custom_nodes" / LOADER_NAME).exists()
 
 
+def test_the_command_line_installs_once_and_reports_refusals_in_one_line(tmp_path, capsys):
+    from kds_hook.cli import main
+
+    root = comfyui_folder(tmp_path)
+    assert main(["comfyui-install", str(root)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {root / 'custom_nodes' / LOADER_NAME}; restart ComfyUI")
+    assert main(["comfyui-install", str(root)]) == 0
+    assert "already installed; nothing changed" in capsys.readouterr().out
+    foreign = root / "custom_nodes" / LOADER_NAME
+    foreign.write_text("# mine\n")
+    assert main(["comfyui-install", str(root)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("kds-hook: error: ") and "not written by kds-hook" in error and len(error.splitlines()) == 1
+    assert foreign.read_text() == "# mine\n"
+    assert main(["comfyui-install", str(tmp_path / "nowhere")]) == 2
+    assert "is not a ComfyUI folder" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- documentation
 
 
