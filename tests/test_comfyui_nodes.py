@@ -251,3 +251,12 @@ def test_api_reference_lists_every_public_name():
     section = text.split(heading, 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"^\| `([A-Za-z_][A-Za-z0-9_]*)", section, flags=re.M))
     assert set(comfyui.__all__) <= listed, sorted(set(comfyui.__all__) - listed)
+
+
+def test_the_guide_example_runs_and_prints_what_it_says(capsys):
+    guide = (ROOT / "docs" / "comfyui.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", guide, flags=re.S)
+    assert len(blocks) == 1
+    exec(compile(blocks[0], "docs/comfyui.md", "exec"), {})
+    promised = [line[2:] for line in blocks[0].splitlines() if line.startswith("# ")]
+    assert capsys.readouterr().out.splitlines() == promised
