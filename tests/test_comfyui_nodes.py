@@ -241,6 +241,17 @@ def test_the_command_line_installs_once_and_reports_refusals_in_one_line(tmp_pat
     assert "is not a ComfyUI folder" in capsys.readouterr().err
 
 
+def test_the_comfyui_loader_leaves_sys_path_and_sys_modules_as_it_found_them():
+    from comfyui_loader import comfyui_imported
+
+    path, modules = list(sys.path), set(sys.modules)
+    with comfyui_imported() as comfy:
+        assert sys.modules["comfy.samplers"] is comfy.samplers and "torchvision" not in sys.modules
+    assert sys.path == path
+    left = [m for m in set(sys.modules) - modules if m.split(".")[0] in ("comfy", "comfy_api", "torchvision")]
+    assert not left, left
+
+
 # ---------------------------------------------------------------- documentation
 
 
