@@ -6,6 +6,11 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.kds-hook-installed
 PYTEST_ARGS ?=
+# ComfyUI's tests import the ComfyUI checkout in COMFYUI_PATH: the vendored copy beside this clone
+# (../shared/vendor/ComfyUI) when there is one, unless the caller set it; without one those tests skip.
+COMFYUI_VENDORED := $(abspath $(dir $(lastword $(MAKEFILE_LIST)))../shared/vendor/ComfyUI)
+COMFYUI_PATH ?= $(if $(wildcard $(COMFYUI_VENDORED)/comfy/samplers.py),$(COMFYUI_VENDORED))
+export COMFYUI_PATH
 
 .PHONY: test demo bench install clean
 
