@@ -126,29 +126,32 @@ class Runner:
             self.server.stdin.close()
             self.server.wait(timeout=60)
 
-    def run(self, key: str) -> List[Optional[dict]]:
-        """Per block of the group: its result dict (with ``out``/``err``), or None where it did not run."""
+    def run(self, key: str, members: List[Block], timeout: int = GROUP_TIMEOUT_S) -> List[Optional[dict]]:
+        """Runs a group (once; later calls return the first results). Per block: its result dict (``ok``,
+        ``error``, ``seconds``, ``out``, ``err``), or None where it did not run because a block before failed."""
         if key in self.results:
             return self.results[key]
-        members = GROUPS[key]
         folder = self.base / re.sub(r"[^A-Za-z0-9]+", "-", key)
         cwd, log = folder / "cwd", folder / "log"
         cwd.mkdir(parents=True)
         log.mkdir()
         write_input_pictures(members, cwd)
         request = {
-            "cwd": str(cwd), "log": str(log), "timeout": GROUP_TIMEOUT_S,
+            "cwd": str(cwd), "log": str(log), "timeout": timeout,
             "blocks": [{"name": b.name, "code": b.code, "stand_in": b.stand_in} for b in members],
         }
         if self.server is not None:
             self.server.stdin.write(json.dumps(request) + "\n")
             self.server.stdin.flush()
-            reply = json.loads(self.server.stdout.readline())
+            line = self.server.stdout.readline()
+            if not line:
+                raise RuntimeError("the snippet server died:\n" + (self.base / "server.err").read_text()[-3000:])
+            reply = json.loads(line)
         else:
             (folder / "request.json").write_text(json.dumps(request))
             try:
                 done = subprocess.run([sys.executable, str(RUNNER), "run", str(folder / "request.json")],
-                                      env=self.env, cwd=cwd, timeout=GROUP_TIMEOUT_S)
+                                      env=self.env, cwd=cwd, timeout=timeout)
                 reply = {"returncode": done.returncode, "timed_out": False}
             except subprocess.TimeoutExpired:
                 reply = {"returncode": None, "timed_out": True}
@@ -203,7 +206,7 @@ def test_python_block_runs_as_written(block, runner):
         pytest.importorskip(module)
     key = GROUP_OF[block.name]
     members = GROUPS[key]
-    result = runner.run(key)[members.index(block)]
+    result = runner.run(key, members)[members.index(block)]
     if result is None:
         pytest.fail(f"{block.name} did not run: a block before it in the same process failed ({key})")
     assert result["ok"], (
@@ -234,3 +237,20 @@ def test_the_block_parser_reads_markers_continuations_and_indented_fences(tmp_pa
     assert (first.line, first.code, first.stand_in, first.continues) == (3, "x = 1\n", True, False)
     assert (second.line, second.code, second.stand_in, second.continues) == (9, "# continues above\nprint(x)\n",
                                                                            False, True)
+
+
+def test_the_runner_catches_failures_isolates_blocks_and_times_out(runner):
+    """The runner itself: a missing import fails although the server has torch loaded, a block after a failed
+    one in its group does not run, names do not leak between groups, and a block that hangs is stopped."""
+    def block(code, line, continues=False):
+        return Block(page="fake.md", line=line, code=code, stand_in=False, continues=continues)
+
+    first = runner.run("fake.md:1", [block("import torch\nx = torch.ones(2)\nprint(float(x.sum()))\n", 1),
+                                     block("# continues\nassert x.shape == (2,)\n", 5, True)])
+    assert [r["ok"] for r in first] == [True, True] and first[0]["out"] == "2.0\n"
+    leaked = runner.run("fake.md:9", [block("print(x)\n", 9)])[0]  # x belonged to the other group
+    assert not leaked["ok"] and "NameError: name 'x' is not defined" in leaked["error"]
+    forgot = runner.run("fake.md:12", [block("torch.zeros(1)\n", 12), block("# continues\npass\n", 14, True)])
+    assert not forgot[0]["ok"] and "NameError: name 'torch'" in forgot[0]["error"] and forgot[1] is None
+    hung = runner.run("fake.md:20", [block("import time\ntime.sleep(60)\n", 20)], timeout=2)[0]
+    assert not hung["ok"] and "timed_out" in hung["error"]
