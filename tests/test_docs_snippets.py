@@ -114,9 +114,10 @@ class Runner:
         self.results: Dict[str, List[Optional[dict]]] = {}
         self.server: Optional[subprocess.Popen] = None
         if hasattr(os, "fork") and os.environ.get("KDS_SNIPPETS_FRESH") != "1":
+            self.server_err = open(base / "server.err", "wb")
             self.server = subprocess.Popen(
                 [sys.executable, str(RUNNER), "serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                stderr=open(base / "server.err", "wb"), env=self.env, cwd=base, text=True,
+                stderr=self.server_err, env=self.env, cwd=base, text=True,
             )
             ready = self.server.stdout.readline()
             assert ready.strip() == '{"ready": true}', (ready, (base / "server.err").read_text()[-3000:])
@@ -125,6 +126,8 @@ class Runner:
         if self.server is not None:
             self.server.stdin.close()
             self.server.wait(timeout=60)
+            self.server.stdout.close()
+            self.server_err.close()
 
     def run(self, key: str, members: List[Block], timeout: int = GROUP_TIMEOUT_S) -> List[Optional[dict]]:
         """Runs a group (once; later calls return the first results). Per block: its result dict (``ok``,
@@ -158,9 +161,11 @@ class Runner:
         results: List[Optional[dict]] = []
         for index in range(len(members)):
             status = log / f"{index}.json"
+            if any(result is None or not result["ok"] for result in results):
+                results.append(None)  # a block before it failed: the runner stopped there
+                continue
             if not status.exists():
-                results.append(None if results and results[-1] is not None and not results[-1]["ok"] else
-                               {"ok": False, "error": f"the process ended without a result: {reply}", "seconds": 0})
+                results.append({"ok": False, "error": f"the process ended without a result: {reply}", "seconds": 0})
                 continue
             result = json.loads(status.read_text())
             result["out"] = (log / f"{index}.out").read_text(errors="replace")
@@ -250,7 +255,9 @@ def test_the_runner_catches_failures_isolates_blocks_and_times_out(runner):
     assert [r["ok"] for r in first] == [True, True] and first[0]["out"] == "2.0\n"
     leaked = runner.run("fake.md:9", [block("print(x)\n", 9)])[0]  # x belonged to the other group
     assert not leaked["ok"] and "NameError: name 'x' is not defined" in leaked["error"]
-    forgot = runner.run("fake.md:12", [block("torch.zeros(1)\n", 12), block("# continues\npass\n", 14, True)])
-    assert not forgot[0]["ok"] and "NameError: name 'torch'" in forgot[0]["error"] and forgot[1] is None
+    forgot = runner.run("fake.md:12", [block("torch.zeros(1)\n", 12), block("# continues\npass\n", 14, True),
+                                       block("# continues\npass\n", 16, True)])
+    assert not forgot[0]["ok"] and "NameError: name 'torch'" in forgot[0]["error"]
+    assert forgot[1:] == [None, None]
     hung = runner.run("fake.md:20", [block("import time\ntime.sleep(60)\n", 20)], timeout=2)[0]
     assert not hung["ok"] and "timed_out" in hung["error"]
