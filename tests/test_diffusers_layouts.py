@@ -17,13 +17,9 @@ from kds_hook.diffusers import (  # noqa: E402
     remove_patch,
 )
 from reference import reference_mean_shift  # noqa: E402
-from scheduler_harness import BANDWIDTH, N, kds, make, model, start  # noqa: E402
+from scheduler_harness import BANDWIDTH, MARKS, N, kds, make, model, start  # noqa: E402
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::FutureWarning:diffusers"),
-    pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning"),
-    pytest.mark.usefixtures("one_torch_thread"),
-]
+pytestmark = MARKS
 
 H, W, C = 4, 6, 2  # latent grid and channels
 

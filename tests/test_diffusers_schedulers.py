@@ -22,6 +22,7 @@ from kds_hook import KDS  # noqa: E402
 from kds_hook.diffusers import SUPPORTED_SCHEDULERS, apply_patch, patched_kds, remove_patch  # noqa: E402
 from reference import reference_mean_shift  # noqa: E402
 from scheduler_harness import (  # noqa: E402
+    MARKS,
     BANDWIDTH,
     CONFIGS,
     N,
@@ -43,14 +44,7 @@ from scheduler_harness import (  # noqa: E402
     tolerance,
 )
 
-# diffusers' own deprecations (numpy 2 copy keyword, the deprecated "dpmsolver" algorithm) are not ours to see
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers"),
-    pytest.mark.filterwarnings("ignore::FutureWarning:diffusers"),
-    pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning"),  # numpy on diffusers' torch sigmas
-    pytest.mark.filterwarnings("ignore:Should have:UserWarning:torchsde"),  # the Brownian tree at sigma_min
-    pytest.mark.usefixtures("one_torch_thread"),
-]
+pytestmark = MARKS
 
 CASES = [pytest.param(name, prediction, extra, id=case_id) for case_id, name, prediction, extra in cases()]
 
