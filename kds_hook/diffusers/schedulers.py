@@ -95,7 +95,7 @@ def _refuse_churn(name: str, gamma_positive: bool) -> None:
         raise ValueError(f"KDS with {name} supports s_churn=0 only (on steered steps)")
 
 
-def _churns(scheduler: Any, call: Call, sigma: torch.Tensor) -> bool:
+def _churns(call: Call, sigma: torch.Tensor) -> bool:
     s_churn = call.get("s_churn", 0.0)
     return s_churn > 0 and call.get("s_tmin", 0.0) <= sigma <= call.get("s_tmax", float("inf"))
 
@@ -105,16 +105,12 @@ def _churns(scheduler: Any, call: Call, sigma: torch.Tensor) -> bool:
 
 def _euler_coefficients(scheduler: Any, call: Call) -> Coefficients:
     sigma = scheduler.sigmas[_index(scheduler, call)]
-    _refuse_churn("EulerDiscreteScheduler", _churns(scheduler, call, sigma))
+    _refuse_churn("EulerDiscreteScheduler", _churns(call, sigma))
     return ve_coefficients(_prediction(scheduler), sigma)
 
 
-def _euler_ancestral_coefficients(scheduler: Any, call: Call) -> Coefficients:
-    return ve_coefficients(_prediction(scheduler), scheduler.sigmas[_index(scheduler, call)])
-
-
-def _heun_coefficients(scheduler: Any, call: Call) -> Coefficients:
-    # both evaluations use sigmas[step_index]: sigma_hat on the first, sigma_next on the second
+def _ve_coefficients(scheduler: Any, call: Call) -> Coefficients:
+    """At ``sigmas[step_index]``: Euler ancestral, LMS, and both of Heun's evaluations (its sigmas are doubled)."""
     return ve_coefficients(_prediction(scheduler), scheduler.sigmas[_index(scheduler, call)])
 
 
@@ -177,7 +173,7 @@ def _flow_match_euler_check(scheduler: Any) -> Optional[str]:
 def _flow_match_heun_coefficients(scheduler: Any, call: Call) -> Coefficients:
     index = _index(scheduler, call)
     churn_sigma = scheduler.sigmas[index if scheduler.state_in_first_order else index - 1]
-    _refuse_churn("FlowMatchHeunDiscreteScheduler", _churns(scheduler, call, churn_sigma))
+    _refuse_churn("FlowMatchHeunDiscreteScheduler", _churns(call, churn_sigma))
     return flow_coefficients(scheduler.sigmas[index])  # sigma on the first evaluation, sigma_next on the second
 
 
@@ -207,7 +203,7 @@ def _edm_coefficients(scheduler: Any, call: Call) -> Coefficients:
 
 def _edm_euler_coefficients(scheduler: Any, call: Call) -> Coefficients:
     sigma = _edm_sigma(scheduler, call)
-    _refuse_churn("EDMEulerScheduler", _churns(scheduler, call, sigma))
+    _refuse_churn("EDMEulerScheduler", _churns(call, sigma))
     return edm_coefficients(_prediction(scheduler), sigma, scheduler.config.sigma_data)
 
 
@@ -299,7 +295,7 @@ SUPPORTED_SCHEDULERS: Dict[str, SchedulerSpec] = {
     ),
     # diffusers itself has no "sample" prediction for the ancestral Euler sampler.
     "EulerAncestralDiscreteScheduler": SchedulerSpec(
-        "step", _NO_SAMPLE, None, "vp", _timestep_t_frac, _euler_ancestral_coefficients
+        "step", _NO_SAMPLE, None, "vp", _timestep_t_frac, _ve_coefficients
     ),
     # sde-dpmsolver (deprecated in diffusers) is left out: it diverges at few steps even without KDS.
     "DPMSolverMultistepScheduler": SchedulerSpec(
@@ -324,7 +320,7 @@ SUPPORTED_SCHEDULERS: Dict[str, SchedulerSpec] = {
         _solver_coefficients, _solver_check, notes="predictor and corrector use the steered entry; " + _FLOW_SOLVER,
     ),
     "HeunDiscreteScheduler": SchedulerSpec(
-        "step", _VP, None, "vp", _timestep_t_frac, _heun_coefficients, evaluations="both",
+        "step", _VP, None, "vp", _timestep_t_frac, _ve_coefficients, evaluations="both",
     ),
     "KDPM2DiscreteScheduler": SchedulerSpec(
         "step", _NO_SAMPLE, None, "vp", _timestep_t_frac, _kdpm2_coefficients, evaluations="both",
@@ -336,7 +332,7 @@ SUPPORTED_SCHEDULERS: Dict[str, SchedulerSpec] = {
         "step", _NO_SAMPLE, None, "vp", _timestep_t_frac, _dpm_sde_coefficients, evaluations="both",
     ),
     "LMSDiscreteScheduler": SchedulerSpec(
-        "step", _VP, None, "vp", _timestep_t_frac, _heun_coefficients,
+        "step", _VP, None, "vp", _timestep_t_frac, _ve_coefficients,
         notes="the derivative history holds the steered x0's",
     ),
     "LCMScheduler": SchedulerSpec(
