@@ -4,6 +4,7 @@ The test-suite uses them, and so can you: every example in the documentation run
 the ``diffusers`` extra; importing this package imports nothing heavy until a builder is called.
 """
 
+from .sd_upscale import tiny_sd_upscale_pipeline
 from .sd import (
     LDM_SR_SCHEDULERS,
     SD_KINDS,
@@ -26,4 +27,5 @@ __all__ = [
     "tiny_clip_tokenizer",
     "tiny_ldm_sr_pipeline",
     "tiny_sd_pipeline",
+    "tiny_sd_upscale_pipeline",
 ]
