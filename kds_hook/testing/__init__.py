@@ -5,6 +5,7 @@ the ``diffusers`` extra; importing this package imports nothing heavy until a bu
 """
 
 from .sd_upscale import tiny_sd_upscale_pipeline
+from .sdxl import SDXL_KINDS, tiny_sdxl_pipeline
 from .sd import (
     LDM_SR_SCHEDULERS,
     SD_KINDS,
@@ -21,6 +22,7 @@ __all__ = [
     "LDM_SR_SCHEDULERS",
     "SD_KINDS",
     "SD_SCHEDULERS",
+    "SDXL_KINDS",
     "make_scheduler",
     "reload_pipeline",
     "save_and_load",
@@ -28,4 +30,5 @@ __all__ = [
     "tiny_ldm_sr_pipeline",
     "tiny_sd_pipeline",
     "tiny_sd_upscale_pipeline",
+    "tiny_sdxl_pipeline",
 ]
