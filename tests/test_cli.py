@@ -22,7 +22,7 @@ pytest.importorskip("diffusers")
 from PIL import Image  # noqa: E402
 
 from kds_hook.cli import main  # noqa: E402
-from kds_hook.restore import DEFAULT_INPAINT_MODEL  # noqa: E402
+from kds_hook.cli.inpaint import DEFAULT_INPAINT_MODEL  # noqa: E402
 from kds_hook.testing import tiny_ldm_sr_pipeline, tiny_sd_pipeline  # noqa: E402
 
 FAST = ["--steps", "2", "--particles", "2", "--seed", "3"]
@@ -198,13 +198,13 @@ def test_bfloat16_and_max_batch_size(capsys, tmp_path, sr_dir):
 def test_euler_scales_the_noisy_latent_but_not_the_low_res_image(sr_dir):
     from diffusers import EulerDiscreteScheduler
 
-    from kds_hook.restore import _scale_latent_channels_only
+    from kds_hook.cli.sampling import scale_latent_channels_only
 
     reference = EulerDiscreteScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear")
     scheduler = EulerDiscreteScheduler.from_config(reference.config)
     for sched in (reference, scheduler):
         sched.set_timesteps(4)
-    _scale_latent_channels_only(scheduler, 3)
+    scale_latent_channels_only(scheduler, 3)
     sample = torch.randn(2, 6, 4, 4)
     t = scheduler.timesteps[0]
     scaled = scheduler.scale_model_input(sample, t)
@@ -339,18 +339,18 @@ def test_an_input_is_never_overwritten(capsys, tmp_path, sr_dir, inpaint_dir):
 
 
 def test_a_file_that_appears_during_the_run_is_kept(capsys, tmp_path, sr_dir, monkeypatch):
-    import kds_hook.restore as restore
+    import kds_hook.cli.models as models
 
     source = write_image(tmp_path / "in.png", 4, 4)
     out = tmp_path / "out.png"
-    load = restore._load_pipeline
+    load = models.load_pipeline
 
     def load_while_someone_writes_the_output(*args, **kwargs):
         pipe = load(*args, **kwargs)
         out.write_bytes(b"written meanwhile")  # after the up-front checks, before our write
         return pipe
 
-    monkeypatch.setattr(restore, "_load_pipeline", load_while_someone_writes_the_output)
+    monkeypatch.setattr(models, "load_pipeline", load_while_someone_writes_the_output)
     code, _, err = cli(capsys, "upscale", source, "-o", out, "--model", sr_dir, *FAST)
     assert code == 1 and "appeared" in err and "Traceback" not in err
     assert out.read_bytes() == b"written meanwhile"
@@ -476,16 +476,17 @@ def test_unavailable_device(capsys, tmp_path, sr_dir):
 
 
 def test_an_unexpected_error_is_one_line_too(capsys, tmp_path, sr_dir, monkeypatch):
-    import kds_hook.restore as restore
+    import kds_hook.cli.errors as errors
+    import kds_hook.cli.sampling as sampling
 
     def broken(*args, **kwargs):
         raise TypeError("something we did not foresee")
 
-    monkeypatch.setattr(restore, "_set_sampler", broken)
+    monkeypatch.setattr(sampling, "set_sampler", broken)
     source = write_image(tmp_path / "in.png", 4, 4)
     code, _, err = cli(capsys, "upscale", source, "-o", tmp_path / "out.png", "--model", sr_dir, *FAST)
     assert code == 1 and err.count("\n") == 1 and "Traceback" not in err
-    assert "unexpected TypeError: something we did not foresee" in err and restore.TRACEBACK_VARIABLE in err
+    assert "unexpected TypeError: something we did not foresee" in err and errors.TRACEBACK_VARIABLE in err
     assert not (tmp_path / "out.png").exists()
 
 
@@ -500,11 +501,11 @@ def test_help_does_not_import_diffusers():
 
 
 def test_padding_mirrors_the_border_instead_of_adding_black():
-    from kds_hook.restore import _pad_to_multiple
+    from kds_hook.cli.images import pad_to_multiple
 
-    padded = _pad_to_multiple(np.arange(6).reshape(2, 3, 1), 4)
+    padded = pad_to_multiple(np.arange(6).reshape(2, 3, 1), 4)
     assert padded[..., 0].tolist() == [[0, 1, 2, 1], [3, 4, 5, 4], [0, 1, 2, 1], [3, 4, 5, 4]]
-    one_pixel = _pad_to_multiple(np.full((1, 1, 3), 7, dtype=np.uint8), 4)
+    one_pixel = pad_to_multiple(np.full((1, 1, 3), 7, dtype=np.uint8), 4)
     assert one_pixel.shape == (4, 4, 3) and (one_pixel == 7).all()
 
 
@@ -513,16 +514,16 @@ def test_samplers_are_built_from_the_pipeline_config():
 
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, PNDMScheduler
 
-    from kds_hook.restore import _set_sampler
+    from kds_hook.cli.sampling import set_sampler
 
     # Stable Diffusion checkpoints ship a PNDM config that does not mention clip_sample; DDIM's default (clip x0
     # to [-1, 1]) would damage latents.
     pipe = SimpleNamespace(scheduler=PNDMScheduler(beta_schedule="scaled_linear", skip_prk_steps=True, steps_offset=1))
-    _set_sampler(pipe, "ddim")
+    set_sampler(pipe, "ddim")
     assert isinstance(pipe.scheduler, DDIMScheduler) and pipe.scheduler.config.clip_sample is False
     assert pipe.scheduler.config.steps_offset == 1 and pipe.scheduler.config.beta_schedule == "scaled_linear"
-    _set_sampler(pipe, "dpmpp")
+    set_sampler(pipe, "dpmpp")
     assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler)
     assert pipe.scheduler.config.algorithm_type == "dpmsolver++"
-    _set_sampler(pipe, "euler")
+    set_sampler(pipe, "euler")
     assert isinstance(pipe.scheduler, EulerDiscreteScheduler)

@@ -1,0 +1,84 @@
+"""``kds-hook upscale``: 4x super-resolution of image files with an LDM-SR pipeline, steered by KDS.
+
+Everything the user gave is checked before the model is loaded or any file written: the numeric settings
+(:mod:`.options`), the inputs (:mod:`.images`), the outputs (:mod:`.outputs`) and the model (:mod:`.models`).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import models, options, outputs, sampling
+from .errors import EXIT_RUN_FAILED, CommandError, reporting_errors
+from .images import Input, join_channels, pad_to_multiple, read_input, tensor_to_pil
+
+DEFAULT_UPSCALE_MODEL = "CompVis/ldm-super-resolution-4x-openimages"
+# model_index.json class names this command can load.
+PIPELINES = ("LDMSuperResolutionPipeline",)
+
+
+def register(commands) -> None:
+    """Adds the ``upscale`` sub-command to an argparse sub-parsers object."""
+    upscale = commands.add_parser(
+        "upscale",
+        help="4x super-resolution of image files (LDM-SR) with KDS",
+        description="Upscale images 4x with a latent-diffusion super-resolution pipeline, steered by KDS. "
+        "The output is exactly 4x the input in each dimension, for any input size.",
+    )
+    upscale.add_argument("inputs", nargs="+", metavar="INPUT", help="input image file(s)")
+    upscale.add_argument(
+        "-o", "--output", required=True, metavar="OUTPUT",
+        help="output file for one input; a directory for several inputs (written as STEM_upscaled.png)",
+    )
+    upscale.add_argument(
+        "--model", default=DEFAULT_UPSCALE_MODEL,
+        help=f"hub id or local pipeline directory (default {DEFAULT_UPSCALE_MODEL})",
+    )
+    options.add_common_options(upscale)
+    upscale.set_defaults(func=reporting_errors(upscale_command))
+
+
+def upscale_command(args: argparse.Namespace) -> int:
+    """Runs ``kds-hook upscale`` on parsed arguments and returns 0; raises :class:`CommandError` on a problem
+    (``register`` installs it with the error reporting that turns that into a message and an exit code)."""
+    kds = options.build_kds(args)
+    sources = [Path(p) for p in args.inputs]
+    inputs = [read_input(p, "input") for p in sources]
+    targets = outputs.check_outputs(outputs.output_paths(sources, Path(args.output), "_upscaled"), inputs, sources,
+                                    args)
+    model_sources = models.model_sources(args.model, PIPELINES)
+    device, dtype = options.device_and_dtype(args.device, args.dtype)
+
+    from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion_superresolution import (
+        LDMSuperResolutionPipeline,
+    )
+
+    pipe = models.load_pipeline(LDMSuperResolutionPipeline, args.model, model_sources, device, dtype)
+    sampling.set_sampler(pipe, args.sampler)
+    sampling.scale_latent_channels_only(pipe.scheduler, pipe.unet.config.in_channels // 2)
+    # The UNet halves the latent (= low-res image) size at every down block but the last; the VQ decoder doubles
+    # it at every block but the last: both factors come from the configs, not from the "4x" in the model name.
+    multiple = 2 ** (len(pipe.unet.config.down_block_types) - 1)
+    scale = 2 ** (len(pipe.vqvae.config.block_out_channels) - 1)
+
+    def restore(item: Input):
+        import numpy as np
+        import torch
+
+        padded = pad_to_multiple(np.asarray(item.rgb), multiple)
+        # A tensor input skips the pipeline's own preprocessing, which would crop to a multiple of 32.
+        low_res = torch.from_numpy(padded).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        # "pt": the pipeline's own PIL conversion calls .numpy() on the model's dtype, which fails for bfloat16.
+        result = sampling.run_pipeline(pipe, kds, args, device, image=low_res, eta=args.eta, output_type="pt")
+        images = [tensor_to_pil(result.images[0])]
+        if args.save_particles:
+            images += [tensor_to_pil(particle) for particle in result.particle_images[0]]
+        want = (scale * padded.shape[1], scale * padded.shape[0])
+        if images[0].size != want:
+            raise CommandError(f"the model returned {images[0].size} for a {padded.shape[1::-1]} input, "
+                               f"not {scale}x as its config says", EXIT_RUN_FAILED)
+        box = (0, 0, scale * item.rgb.width, scale * item.rgb.height)
+        return [join_channels(image.crop(box), item) for image in images], int(result.index[0]), False
+
+    return sampling.restore_all(sources, inputs, targets, restore, args, kds, verb="upscaled")
