@@ -18,6 +18,7 @@ from kds_hook import KDS
 from kds_hook.diffusers import apply_patch, remove_patch, run
 from kds_hook.diffusers.families import family_of
 from kds_hook.diffusers.patch import patched_kds
+from reference import reference_mean_shift
 
 
 def seeded(seed: int = 0) -> torch.Generator:
@@ -26,6 +27,14 @@ def seeded(seed: int = 0) -> torch.Generator:
 
 def family(pipe):
     return family_of(pipe)[1]
+
+
+def denoiser_of(pipe):
+    """The denoising network: the family's for pipelines run() drives, else the transformer or UNet."""
+    try:
+        return getattr(pipe, family(pipe).denoisers[0])
+    except ValueError:  # a pipeline only the apply_patch recipe drives
+        return pipe.transformer if getattr(pipe, "transformer", None) is not None else pipe.unet
 
 
 def assert_pristine(pipe) -> None:
@@ -79,7 +88,7 @@ def denoiser_batch_sizes(pipe) -> Iterator[List[int]]:
     """The batch size of every call of the denoiser's forward inside the block (an instance override, which
     run()'s chunking wraps and restores: it sees every chunk)."""
     seen: List[int] = []
-    denoiser = getattr(pipe, family(pipe).denoisers[0])
+    denoiser = denoiser_of(pipe)
     forward = denoiser.forward
 
     def recording(*args, **kwargs):
@@ -126,7 +135,7 @@ def check_strength_zero_and_one_particle(pipe, n: int, inputs: Dict[str, Any], e
     assert_pristine(pipe)
     plain = pipe(**expanded, generator=seeded(), **common)
     items = off.index.shape[0]
-    np.testing.assert_array_equal(as_array(off.particle_images).reshape(as_array(plain.images).shape),
+    np.testing.assert_array_equal(as_array(off.particle_images).reshape(as_array(_images(pipe, plain)).shape),
                                   as_array(_images(pipe, plain)))
     # The particles are the decoder's input mapped back by the family's scaling: exactly that map of the plain
     # pipeline's decoder input, and the scheduler's own latents (output_type="latent") up to that map's rounding.
@@ -200,3 +209,60 @@ def check_chunking(pipe, kds: KDS, inputs: Dict[str, Any], expanded: Dict[str, A
     leaked = final_latents(pipe, everything, generator=seeded(), **expanded, **common)
     assert_equal_to_rounding(chunked.particles.flatten(0, 1), whole.particles.flatten(0, 1), leaked)
     return unchunked
+
+
+@contextlib.contextmanager
+def flow_steps(pipe) -> Iterator[List[Dict[str, torch.Tensor]]]:
+    """Every FlowMatchEulerDiscreteScheduler step inside the block: its sigma, sample and the model output it was
+    given (the steered one under a KDS patch, which wraps this instance override), in float64."""
+    sched = pipe.scheduler
+    step = type(sched).step
+    seen: List[Dict[str, torch.Tensor]] = []
+
+    def recording(self, model_output, timestep, sample, *args, **kwargs):
+        if self.step_index is None:
+            self._init_step_index(timestep)
+        seen.append(dict(sigma=self.sigmas[self.step_index].double(), sample=sample.double(),
+                         velocity=model_output.double()))
+        return step(self, model_output, timestep, sample, *args, **kwargs)
+
+    sched.step = recording.__get__(sched)
+    try:
+        yield seen
+    finally:
+        del sched.step
+
+
+@contextlib.contextmanager
+def denoiser_outputs(pipe) -> Iterator[List[torch.Tensor]]:
+    """The output of every (whole, unchunked) denoiser call inside the block, in float64."""
+    seen: List[torch.Tensor] = []
+    hook = denoiser_of(pipe).register_forward_hook(lambda module, args, output: seen.append(output[0].detach().double()))
+    try:
+        yield seen
+    finally:
+        hook.remove()
+
+
+def check_flow_steering(pipe, kds: KDS, steps, model_outputs, to_spatial: Callable[[torch.Tensor], torch.Tensor],
+                        guide: Callable[[List[torch.Tensor], int], torch.Tensor]) -> int:
+    """Every flow-matching step continued from the literal reference mean shift (Algorithm 2) of the model's x0,
+    x0 = sample - sigma * velocity, taken in spatial layout (``to_spatial`` unpacks), with the strength the gate
+    gave that step (``kds.history``); ``guide(model_outputs, i)`` is the velocity the pipeline formed at step i
+    (classifier-free guidance applied). Returns the number of steered steps."""
+    assert len(kds.history) == len(steps) > 0
+    steered = 0
+    for i, (step, record) in enumerate(zip(steps, kds.history)):
+        velocity = guide(model_outputs, i)
+        x0 = to_spatial(step["sample"] - step["sigma"] * velocity)
+        used = to_spatial(step["sample"] - step["sigma"] * step["velocity"])
+        assert abs(record.t_frac - float(step["sigma"])) < 1e-5  # the gate reads sigma as t/T
+        if record.strength > 0:
+            steered += 1
+            expected = reference_mean_shift(x0, kds.num_particles, float(kds.bandwidth), kds.patch_size,
+                                            record.strength)
+            assert (expected - x0).abs().max() > 1e-3  # the steering is not negligible here
+        else:
+            expected = x0
+        torch.testing.assert_close(used, expected, rtol=1e-4, atol=1e-4)
+    return steered
