@@ -34,12 +34,13 @@ def tiny_sd_upscale_pipeline(scheduler: str = "ddim", prediction_type: str = "v_
         in_channels=7,  # noisy latent (4) concatenated with the noise-augmented low-resolution image (3)
         out_channels=4,
         layers_per_block=1,
-        block_out_channels=(8, 16, 16),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        # the full-resolution level is the costly one on a CPU: narrow there, cross-attention at the lowest level
+        block_out_channels=(4, 8, 16),
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
         cross_attention_dim=32,
         attention_head_dim=4,
-        norm_num_groups=4,
+        norm_num_groups=2,
         num_class_embeds=1000,  # the augmentation level (noise_level) is the class label, as in the real model
     )
     vae = AutoencoderKL(
