@@ -86,10 +86,11 @@ def test_one_decode_per_input_and_selection_in_latent_space():
 
 @pytest.mark.parametrize("height, width", [(32, 32), (24, 40)])
 def test_steering_is_the_mean_shift_of_the_unpacked_x0(height, width):
-    """A steered step continues from the reference mean shift (patches of 2x2 latent pixels) of the unpacked x0;
-    a non-square size checks that the layout follows the call's height and width."""
+    """A steered step continues from the reference mean shift of the unpacked x0. Patches of 4x4 latent pixels
+    span 2x2 packed tokens, so they depend on how tokens are arranged (patches of 1 or 2 pixels would not): with a
+    non-square size, a layout that swapped height and width would fail here."""
     pipe = flux("text2img")
-    kds = KDS(num_particles=N, patch_size=2, bandwidth=1.5, strength=0.5, record=True)
+    kds = KDS(num_particles=N, patch_size=4, bandwidth=3.0, strength=0.5, record=True)
     layout = packed_2x2(2 * (height // 4), 2 * (width // 4))
     call = dict(inputs("text2img"), height=height, width=width)
     with flow_steps(pipe) as steps, denoiser_outputs(pipe) as outputs:
