@@ -17,6 +17,9 @@ import torch
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
 
+# Tiny models: extra threads only spin (and on a shared machine make these tests several times slower).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 from kds_hook import KDS  # noqa: E402
 from kds_hook.diffusers import run  # noqa: E402
 from kds_hook.diffusers.layouts import packed_2x2  # noqa: E402
