@@ -1,11 +1,17 @@
 """The ``kds-hook`` command: ``demo``, ``upscale`` and ``inpaint``.
 
-One module per sub-command, each with a ``register(commands)`` that adds its parser to the sub-parsers; adding a
-sub-command is a new module and one entry in :data:`COMMANDS`. Shared parts: :mod:`.errors` (one-line errors and
-exit codes), :mod:`.options` (the KDS, sampling and file options), :mod:`.images` (input images), :mod:`.outputs`
-(output names, checks, safe writing), :mod:`.models` (model loading and its messages), :mod:`.sampling` (sampler
-set-up and the run loop). Heavy imports (diffusers, matplotlib) happen inside the commands, so ``kds-hook --help``
-stays fast. Reference: ``docs/cli.md``.
+One module per sub-command, each with a ``register(commands)`` that adds its parser to the sub-parsers: adding a
+sub-command is a new module and one entry in :data:`COMMANDS`. The shared parts, one concern each:
+
+- :mod:`.parser`: the argparse parser class (one-line usage errors, every default in ``--help``);
+- :mod:`.errors`: one-line errors and exit codes; :mod:`.extras`: the optional dependencies a command needs;
+- :mod:`.options`: the KDS, sampling and file options of the restoring commands, and their checks;
+- :mod:`.images`: input images; :mod:`.outputs`: output names, checks and safe writing;
+- :mod:`.models`: model loading and its messages; :mod:`.sampling`: sampler set-up and the run loop;
+- :mod:`.progress`: progress bars on a terminal, plain lines in logs.
+
+Only the standard library is imported until a command runs, so ``kds-hook --help`` and usage errors do not
+import torch. Reference: ``docs/cli.md``.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import importlib
 from typing import Optional, Sequence
 
 from .. import __version__
+from .parser import Parser
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
@@ -24,7 +31,7 @@ COMMANDS = (".demo", ".upscale", ".inpaint")
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``kds-hook`` parser with every sub-command of :data:`COMMANDS`."""
-    parser = argparse.ArgumentParser(prog="kds-hook", description="Kernel Density Steering for diffusion samplers.")
+    parser = Parser(prog="kds-hook", description="Kernel Density Steering for diffusion samplers.")
     parser.add_argument("--version", action="version", version=f"kds-hook {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True

@@ -5,9 +5,14 @@ needs to get the input's form back (grayscale, alpha, colour profile), and the p
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, List, NamedTuple, Optional, Sequence, Tuple
 
 from .errors import CommandError, first_line
+from .progress import count
+
+# What a directory given as input contributes: its files with these extensions (in any case).
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif", ".tga", ".ppm", ".pgm",
+                    ".pbm", ".pnm")
 
 # PIL modes whose values mean the same after conversion to RGB or L, so the input's colour profile still applies.
 _PROFILE_KEEPING_MODES = ("1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "I", "F")
@@ -24,6 +29,29 @@ class Input(NamedTuple):
     @property
     def output_mode(self) -> str:
         return ("L" if self.gray else "RGB") + ("A" if self.alpha is not None else "")
+
+
+def expand_inputs(paths: Sequence[Path], report: Callable[[str], None]) -> Tuple[List[Path], bool]:
+    """The input files for ``paths``: a file as it is; a directory's images, sorted by name, neither hidden ones
+    nor those in subdirectories. Also whether any path was a directory. ``report`` gets one line per directory
+    saying how many images it held; a directory without any is an error."""
+    sources, any_directory = [], False
+    for path in paths:
+        if not path.is_dir():
+            sources.append(path)  # read_input reports a missing or unreadable file
+            continue
+        any_directory = True
+        try:
+            found = sorted(entry for entry in path.iterdir() if entry.suffix.lower() in IMAGE_EXTENSIONS
+                           and not entry.name.startswith(".") and entry.is_file())
+        except OSError as error:
+            raise CommandError(f"cannot list input directory {path}: {error.strerror or error}") from None
+        if not found:
+            raise CommandError(f"input directory {path} holds no images (no files ending in "
+                               f"{', '.join(IMAGE_EXTENSIONS)}; subdirectories are not searched)")
+        report(f"kds-hook: found {count(len(found), 'image')} in {path}")
+        sources += found
+    return sources, any_directory
 
 
 def _open_image(path: Path, role: str):

@@ -9,12 +9,15 @@ from pathlib import Path
 
 from . import models, options, outputs, sampling
 from .errors import CommandError, reporting_errors
+from .extras import require
 from .images import Input, join_channels, pad_to_multiple, read_input, read_mask
 
 # stabilityai/stable-diffusion-2-inpainting was taken down in 2025; this is the community mirror of its weights.
 DEFAULT_INPAINT_MODEL = "sd2-community/stable-diffusion-2-inpainting"
 # model_index.json class names this command can load (the inpainting pipeline also runs plain SD checkpoints).
 PIPELINES = ("StableDiffusionInpaintPipeline", "StableDiffusionPipeline", "StableDiffusionImg2ImgPipeline")
+# What the command imports (all from the diffusers extra), checked before anything else.
+MODULES = ("torch", "numpy", "PIL", "diffusers", "transformers", "huggingface_hub", "tqdm")
 
 
 def register(commands) -> None:
@@ -44,6 +47,7 @@ def register(commands) -> None:
 
 def inpaint_command(args: argparse.Namespace) -> int:
     """Runs ``kds-hook inpaint`` on parsed arguments and returns 0; raises :class:`CommandError` on a problem."""
+    require("inpaint", "diffusers", MODULES)
     kds = options.build_kds(args)
     source, mask_path = Path(args.image), Path(args.mask)
     item = read_input(source, "image")
@@ -84,4 +88,4 @@ def inpaint_command(args: argparse.Namespace) -> int:
         flagged = bool((getattr(result, "nsfw_content_detected", None) or [False])[0])
         return [join_channels(image.crop(box), item) for image in images], int(result.index[0]), flagged
 
-    return sampling.restore_all([source], [item], targets, restore, args, kds, verb="inpainted")
+    return sampling.restore_all(pipe, [source], [item], targets, restore, args, kds, verb="inpainted")

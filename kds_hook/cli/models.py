@@ -93,7 +93,6 @@ def load_pipeline(pipeline_class, model: str, sources: List[dict], device: str, 
         pipe = pipe.to(device)
     except (RuntimeError, ValueError) as caught:
         raise CommandError(f"cannot move the model to {device}: {first_line(caught)}", EXIT_RUN_FAILED) from None
-    pipe.set_progress_bar_config(desc="steps", leave=False)  # nested under the bar over images
     return pipe
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 
 from .errors import CommandError
 
@@ -17,28 +18,35 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 def add_common_options(parser: argparse.ArgumentParser) -> None:
     """Adds the option groups "KDS", "sampling" and "files" to a restoring command's parser."""
     kds = parser.add_argument_group("KDS")
-    kds.add_argument("--particles", type=int, default=10, help="N, particles per image (default 10)")
+    kds.add_argument("--particles", type=int, metavar="N", default=10, help="N, particles per image (default 10)")
     kds.add_argument(
-        "--bandwidth", type=_bandwidth, default=0.3, help='kernel bandwidth h, or "auto" (default 0.3)'
+        "--bandwidth", type=_bandwidth, metavar="H", default=0.3, help='kernel bandwidth h, or "auto" (default 0.3)'
     )
-    kds.add_argument("--patch-size", type=int, default=1, help="latent patch side (default 1)")
-    kds.add_argument("--strength", type=float, default=0.3, help="steering strength delta in [0, 1] (default 0.3)")
+    kds.add_argument("--patch-size", type=int, metavar="P", default=1, help="latent patch side (default 1)")
     kds.add_argument(
-        "--threshold", type=float, default=0.3, help="steer while t/T >= threshold, in [0, 1] (default 0.3)"
+        "--strength", type=float, metavar="DELTA", default=0.3, help="steering strength delta in [0, 1] (default 0.3)"
+    )
+    kds.add_argument(
+        "--threshold", type=float, metavar="T", default=0.3,
+        help="steer while t/T >= threshold, in [0, 1] (default 0.3)",
     )
     kds.add_argument(
         "--no-kds", action="store_true",
         help="same seed and particles without steering (strength 0); the output is chosen the same way",
     )
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--steps", type=int, default=50, help="sampler steps (default 50)")
+    sampling.add_argument("--steps", type=int, metavar="S", default=50, help="sampler steps (default 50)")
     sampling.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim, dpmpp (DPM-Solver++) or euler")
-    sampling.add_argument("--eta", type=float, default=0.0, help="DDIM eta, the same with and without KDS (default 0)")
-    sampling.add_argument("--seed", type=int, default=None, help="random seed (default: random, printed)")
+    sampling.add_argument(
+        "--eta", type=float, metavar="E", default=0.0, help="DDIM eta, the same with and without KDS (default 0)"
+    )
+    sampling.add_argument(
+        "--seed", type=int, metavar="SEED", default=None, help="random seed (default: random, printed)"
+    )
     sampling.add_argument("--device", choices=DEVICES, default="auto", help="auto: cuda, else mps, else cpu")
     sampling.add_argument("--dtype", choices=DTYPES, default="auto", help="auto: float16 on cuda, else float32")
     sampling.add_argument(
-        "--max-batch-size", type=int, default=None,
+        "--max-batch-size", type=int, metavar="B", default=None,
         help="largest batch per model call (default: all particles of an image at once)",
     )
     files = parser.add_argument_group("files")
@@ -78,10 +86,21 @@ def build_kds(args: argparse.Namespace):
             strength=args.strength, threshold=args.threshold,
         )
     except (TypeError, ValueError) as error:
-        raise CommandError(f"invalid KDS setting: {error}") from None
+        raise CommandError(f"invalid KDS setting: {_with_flag_names(str(error))}") from None
     if args.no_kds:  # validated the user's strength above; the comparison run uses the same KDS at strength 0
         kds = KDS(num_particles=args.particles, patch_size=args.patch_size, bandwidth=args.bandwidth, strength=0.0)
     return kds
+
+
+# The core's argument names in its messages -> the options they come from here.
+_FLAGS = {"num_particles": "--particles", "patch_size": "--patch-size", "bandwidth": "--bandwidth",
+          "strength": "--strength", "threshold": "--threshold"}
+_CORE_NAME = re.compile(r"(?<![\w-])(" + "|".join(_FLAGS) + r")(?!\w)")
+
+
+def _with_flag_names(message: str) -> str:
+    """A core error message with the library's argument names replaced by the command's options."""
+    return _CORE_NAME.sub(lambda match: _FLAGS[match.group(1)], message)
 
 
 def device_and_dtype(device: str, dtype: str):

@@ -25,13 +25,15 @@ class Output(NamedTuple):
     save_options: dict  # PIL save keywords (quality, colour profile)
 
 
-def output_paths(sources: Sequence[Path], output: Path, suffix: str) -> List[Path]:
-    """One input: OUTPUT itself, unless it is an existing directory; several: OUTPUT is a directory."""
-    as_directory = len(sources) > 1 or output.is_dir() or str(output).endswith(("/", os.sep))
+def output_paths(sources: Sequence[Path], output: Path, suffix: str, from_directory: bool = False) -> List[Path]:
+    """One input file: OUTPUT itself, unless it is an existing directory; several inputs, or inputs from a
+    directory (``from_directory``): OUTPUT is a directory, holding STEM{suffix}.png for each."""
+    as_directory = len(sources) > 1 or from_directory or output.is_dir() or str(output).endswith(("/", os.sep))
     if not as_directory:
         return [output]
     if output.exists() and not output.is_dir():
-        raise CommandError(f"output {output} is a file; give a directory for {len(sources)} inputs")
+        given = f"{len(sources)} inputs" if len(sources) > 1 else "the images of an input directory"
+        raise CommandError(f"output {output} is a file; give a directory for {given}")
     return [output / f"{source.stem}{suffix}.png" for source in sources]
 
 

@@ -13,6 +13,7 @@ from typing import Callable, List, Sequence, Tuple
 from .errors import EXIT_RUN_FAILED, CommandError, first_line
 from .images import Input
 from .outputs import Output, save
+from .progress import Progress, count
 
 # restore(input) -> (result and its particles, each in the input's form; selected index; whether the pipeline's
 # safety checker blanked the result)
@@ -75,31 +76,31 @@ def run_pipeline(pipe, kds, args: argparse.Namespace, device: str, **call_kwargs
         raise CommandError(f"the model run failed: {first_line(error)}", EXIT_RUN_FAILED) from None
 
 
-def restore_all(sources: Sequence[Path], inputs: List[Input], outputs: List[Output], restore: Restore,
+def restore_all(pipe, sources: Sequence[Path], inputs: List[Input], outputs: List[Output], restore: Restore,
                 args: argparse.Namespace, kds, verb: str) -> int:
-    """Restores and writes each input in turn (see :data:`Restore`). One summary line per image on stdout;
-    progress bars and warnings on stderr."""
-    from tqdm.auto import tqdm
-
+    """Restores and writes each input in turn with ``pipe`` (see :data:`Restore`). One summary line per image on
+    stdout; progress and warnings on stderr (:mod:`.progress`)."""
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "little")
     label = "plain (no KDS)" if args.no_kds else "KDS"
-    with tqdm(total=len(inputs), desc="images", unit="image", file=sys.stderr) as bar:
-        for source, item, output in zip(sources, inputs, outputs):
+    with Progress(len(inputs)) as progress:
+        progress.attach(pipe)
+        for number, (source, item, output) in enumerate(zip(sources, inputs, outputs), start=1):
+            progress.start(number, source)
             started = time.perf_counter()
             images, index, flagged = restore(item)
             save(images[0], output, output.path, args.overwrite)
             for path, particle in zip(output.particles, images[1:]):
                 save(particle, output, path, args.overwrite)
             elapsed = time.perf_counter() - started
-            tqdm.write(
+            progress.write(
                 f"{verb} {source} -> {output.path} ({item.rgb.width}x{item.rgb.height} -> "
-                f"{images[0].width}x{images[0].height}) in {elapsed:.1f} s: {label}, {kds.num_particles} particles, "
-                f"selected particle {index}, seed {args.seed}",
+                f"{images[0].width}x{images[0].height}) in {elapsed:.1f} s: {label}, "
+                f"{count(kds.num_particles, 'particle')}, selected particle {index}, seed {args.seed}",
                 file=sys.stdout,
             )
             if flagged:
-                tqdm.write(f"kds-hook: warning: the model's safety checker flagged {output.path}; the pipeline "
-                           "replaced it by a black image", file=sys.stderr)
-            bar.update(1)
+                progress.write(f"kds-hook: warning: the model's safety checker flagged {output.path}; the pipeline "
+                               "replaced it by a black image", file=sys.stderr)
+            progress.finish()
     return 0

@@ -7,15 +7,19 @@ Everything the user gave is checked before the model is loaded or any file writt
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from . import models, options, outputs, sampling
 from .errors import EXIT_RUN_FAILED, CommandError, reporting_errors
-from .images import Input, join_channels, pad_to_multiple, read_input, tensor_to_pil
+from .extras import require
+from .images import Input, expand_inputs, join_channels, pad_to_multiple, read_input, tensor_to_pil
 
 DEFAULT_UPSCALE_MODEL = "CompVis/ldm-super-resolution-4x-openimages"
 # model_index.json class names this command can load.
 PIPELINES = ("LDMSuperResolutionPipeline",)
+# What the command imports (all from the diffusers extra), checked before anything else.
+MODULES = ("torch", "numpy", "PIL", "diffusers", "huggingface_hub", "tqdm")
 
 
 def register(commands) -> None:
@@ -26,10 +30,14 @@ def register(commands) -> None:
         description="Upscale images 4x with a latent-diffusion super-resolution pipeline, steered by KDS. "
         "The output is exactly 4x the input in each dimension, for any input size.",
     )
-    upscale.add_argument("inputs", nargs="+", metavar="INPUT", help="input image file(s)")
+    upscale.add_argument(
+        "inputs", nargs="+", metavar="INPUT",
+        help="input image file(s), or directories: their images (by extension, sorted, not in subdirectories)",
+    )
     upscale.add_argument(
         "-o", "--output", required=True, metavar="OUTPUT",
-        help="output file for one input; a directory for several inputs (written as STEM_upscaled.png)",
+        help="output file for one input file; a directory for several inputs or a directory input (written as "
+        "STEM_upscaled.png)",
     )
     upscale.add_argument(
         "--model", default=DEFAULT_UPSCALE_MODEL,
@@ -42,11 +50,12 @@ def register(commands) -> None:
 def upscale_command(args: argparse.Namespace) -> int:
     """Runs ``kds-hook upscale`` on parsed arguments and returns 0; raises :class:`CommandError` on a problem
     (``register`` installs it with the error reporting that turns that into a message and an exit code)."""
+    require("upscale", "diffusers", MODULES)
     kds = options.build_kds(args)
-    sources = [Path(p) for p in args.inputs]
+    sources, from_directory = expand_inputs([Path(p) for p in args.inputs], _report)
     inputs = [read_input(p, "input") for p in sources]
-    targets = outputs.check_outputs(outputs.output_paths(sources, Path(args.output), "_upscaled"), inputs, sources,
-                                    args)
+    paths = outputs.output_paths(sources, Path(args.output), "_upscaled", from_directory)
+    targets = outputs.check_outputs(paths, inputs, sources, args)
     model_sources = models.model_sources(args.model, PIPELINES)
     device, dtype = options.device_and_dtype(args.device, args.dtype)
 
@@ -81,4 +90,8 @@ def upscale_command(args: argparse.Namespace) -> int:
         box = (0, 0, scale * item.rgb.width, scale * item.rgb.height)
         return [join_channels(image.crop(box), item) for image in images], int(result.index[0]), False
 
-    return sampling.restore_all(sources, inputs, targets, restore, args, kds, verb="upscaled")
+    return sampling.restore_all(pipe, sources, inputs, targets, restore, args, kds, verb="upscaled")
+
+
+def _report(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)

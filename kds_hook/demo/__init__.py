@@ -18,8 +18,6 @@ import os
 import time
 from typing import Callable, Dict, Optional
 
-import torch
-
 __all__ = ["register", "run_demo", "OUTPUT_FILES"]
 
 OUTPUT_FILES = ("figure2.png", "figure2.md", "restoration.md", "README.md")
@@ -144,6 +142,8 @@ def run_demo(
     documented numbers. Files the demo did not write are never replaced unless ``force``; see the module
     docstring.
     """
+    import torch  # here, not at the top: the kds-hook parser imports this package and --help stays light
+
     _check_matplotlib()
     _prepare_out(out, force)
     # Every tensor here is small (at most a few hundred kB): threads only add synchronisation, and on a busy
