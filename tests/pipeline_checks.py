@@ -114,7 +114,7 @@ def final_latents(pipe, kds: KDS, **call_kwargs) -> torch.Tensor:
     vae.decode = lambda z, *args, **kwargs: (seen.append(z), decode(z, *args, **kwargs))[1]
     layout = None if fam.layout is None else fam.layout(pipe, call_kwargs)
     if kds is not None:
-        apply_patch(pipe, kds, **({} if layout is None else {"layout": layout}))
+        apply_patch(pipe, kds, layout=layout)
     try:
         pipe(**call_kwargs)
     finally:

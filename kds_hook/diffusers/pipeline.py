@@ -21,7 +21,7 @@ from ..kds import KDS
 from .chunking import chunked
 from .decoding import DecodeCapture, KDSPipelineOutput
 from .families import FAMILIES, family_of
-from .patch import apply_patch, patched_kds, remove_patch
+from .patch import apply_patch, patched_kds, patched_layout, remove_patch
 
 __all__ = ["KDSPipelineOutput", "SUPPORTED_PIPELINES", "run"]
 
@@ -155,24 +155,14 @@ def _override(obj: Any, name: str, make: Callable[[Callable], Callable]) -> Iter
 
 @contextlib.contextmanager
 def _kds_patch(pipe: Any, kds: KDS, layout: Any) -> Iterator[None]:
-    earlier = patched_kds(pipe)
-    earlier_layout = _patched_layout(pipe)
-    if layout is None:
-        apply_patch(pipe, kds)
-    else:
-        apply_patch(pipe, kds, layout=layout)
+    """The scheduler patched with ``kds`` (and ``layout``, None for spatial latents) for the block; afterwards
+    unpatched, or patched again with what it carried before (its KDS and its layout)."""
+    earlier, earlier_layout = patched_kds(pipe), patched_layout(pipe)
+    apply_patch(pipe, kds, layout=layout)
     try:
         yield
     finally:
         if earlier is None:
             remove_patch(pipe)
-        elif earlier_layout is None:
-            apply_patch(pipe, earlier)
         else:
             apply_patch(pipe, earlier, layout=earlier_layout)
-
-
-def _patched_layout(pipe: Any) -> Any:
-    """The layout the scheduler's current patch was applied with (None for the default spatial one)."""
-    patch = vars(pipe.scheduler).get("_kds_hook_patch")
-    return getattr(patch, "layout", None)
