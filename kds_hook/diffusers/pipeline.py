@@ -49,8 +49,8 @@ def run(
     - StableDiffusionXLPipeline / ...Img2ImgPipeline / ...InpaintPipeline: as Stable Diffusion, plus
       ``prompt_2``, ``negative_prompt_2``, ``pooled_prompt_embeds``, ``negative_pooled_prompt_embeds``.
     - StableDiffusion3Pipeline: as SDXL, plus ``prompt_3``, ``negative_prompt_3``.
-    - FluxPipeline / FluxImg2ImgPipeline / FluxFillPipeline: as SDXL (with ``true_cfg_scale`` for negative
-      prompts); the scheduler is steered through the packed-latent layout of the call's height and width.
+    - FluxPipeline / FluxImg2ImgPipeline / FluxFillPipeline: as SDXL (negative prompts with ``true_cfg_scale``;
+      Fill has none); the scheduler is steered through the packed-latent layout of the call's height and width.
     - WanPipeline (video, ``num_videos_per_prompt``): ``prompt(_embeds)``, ``negative_prompt(_embeds)``.
 
     Each per-input argument holds 1 or B entries, a single one serving every input (a single negative prompt
