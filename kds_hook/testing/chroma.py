@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from .text import tiny_t5_encoder, tiny_t5_tokenizer
+from .vae import tiny_autoencoder_kl
 
 __all__ = ["tiny_chroma_pipeline"]
 
@@ -21,7 +22,7 @@ __all__ = ["tiny_chroma_pipeline"]
 def tiny_chroma_pipeline():
     """A tiny ChromaPipeline. Prompts work (T5 pads to ``max_sequence_length``, 512 by default); so do
     ``prompt_embeds`` (B, seq_len, 32). Sizes must be multiples of 4."""
-    from diffusers import AutoencoderKL, ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
+    from diffusers import ChromaPipeline, ChromaTransformer2DModel, FlowMatchEulerDiscreteScheduler
 
     torch.manual_seed(0)
     transformer = ChromaTransformer2DModel(
@@ -38,24 +39,10 @@ def tiny_chroma_pipeline():
         approximator_hidden_dim=32,
         approximator_layers=1,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_autoencoder_kl(0.3611, shift_factor=0.1159, quant_convs=False)  # Flux's VAE
     pipe = ChromaPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=vae.eval(),
+        vae=vae,
         text_encoder=tiny_t5_encoder(32),
         tokenizer=tiny_t5_tokenizer(),
         transformer=transformer.eval(),

@@ -14,6 +14,7 @@ import torch
 
 from .sd import tiny_clip_tokenizer
 from .text import tiny_clip_text_encoder, tiny_t5_encoder, tiny_t5_tokenizer
+from .vae import tiny_autoencoder_kl
 
 __all__ = ["FLUX_KINDS", "flux_scheduler", "tiny_flux_pipeline"]
 
@@ -43,7 +44,7 @@ def tiny_flux_pipeline(kind: str = "text2img"):
     Prompts work (T5 pads to ``max_sequence_length``, 512 by default as in the real pipeline); so do
     ``prompt_embeds`` (B, seq_len, 32) with ``pooled_prompt_embeds`` (B, 32). Sizes must be multiples of 4.
     """
-    from diffusers import AutoencoderKL, FluxFillPipeline, FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel
+    from diffusers import FluxFillPipeline, FluxImg2ImgPipeline, FluxPipeline, FluxTransformer2DModel
 
     classes = {"text2img": FluxPipeline, "img2img": FluxImg2ImgPipeline, "fill": FluxFillPipeline}
     if kind not in classes:
@@ -66,24 +67,10 @@ def tiny_flux_pipeline(kind: str = "text2img"):
         guidance_embeds=True,  # FLUX.1-dev and Fill are guidance-distilled: guidance_scale is an input
         axes_dims_rope=(4, 6, 6),
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=latent_channels,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=0.3611,
-        shift_factor=0.1159,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_autoencoder_kl(0.3611, shift_factor=0.1159, latent_channels=latent_channels, quant_convs=False)
     pipe = classes[kind](
         scheduler=flux_scheduler(),
-        vae=vae.eval(),
+        vae=vae,
         text_encoder=tiny_clip_text_encoder(32),
         tokenizer=tiny_clip_tokenizer(),
         text_encoder_2=tiny_t5_encoder(32),

@@ -13,6 +13,7 @@ import torch
 
 from .sd import tiny_clip_tokenizer
 from .text import tiny_clip_text_encoder, tiny_t5_encoder, tiny_t5_tokenizer
+from .vae import tiny_autoencoder_kl
 
 __all__ = ["tiny_sd3_pipeline"]
 
@@ -21,7 +22,7 @@ def tiny_sd3_pipeline():
     """A tiny StableDiffusion3Pipeline. Prompts work (all three encoders; T5 pads to ``max_sequence_length``,
     256 by default as in the real pipeline); so do ``prompt_embeds`` (B, seq_len, 64) with
     ``pooled_prompt_embeds`` (B, 64). Sizes must be multiples of 4."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
 
     torch.manual_seed(0)
     transformer = SD3Transformer2DModel(
@@ -37,25 +38,11 @@ def tiny_sd3_pipeline():
         pooled_projection_dim=64,  # the two CLIP projections side by side
         pos_embed_max_size=32,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=1.5305,
-        shift_factor=0.0609,
-        use_quant_conv=False,
-        use_post_quant_conv=False,
-    )
+    vae = tiny_autoencoder_kl(1.5305, shift_factor=0.0609, quant_convs=False)  # SD3's latent statistics
     pipe = StableDiffusion3Pipeline(
         transformer=transformer.eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0),
-        vae=vae.eval(),
+        vae=vae,
         text_encoder=tiny_clip_text_encoder(32, projection_dim=32),
         tokenizer=tiny_clip_tokenizer(),
         text_encoder_2=tiny_clip_text_encoder(32, projection_dim=32),

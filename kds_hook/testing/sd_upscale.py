@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 
 from .sd import make_scheduler, tiny_clip_tokenizer
+from .text import tiny_clip_text_encoder
+from .vae import tiny_autoencoder_kl
 
 __all__ = ["tiny_sd_upscale_pipeline"]
 
@@ -25,8 +27,7 @@ def tiny_sd_upscale_pipeline(scheduler: str = "ddim", prediction_type: str = "v_
     (B, 77, 32). Input sizes must be multiples of 4 pixels (the tiny UNet downsamples twice). No safety checker
     and no watermarker.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from diffusers import DDPMScheduler, StableDiffusionUpscalePipeline, UNet2DConditionModel
 
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
@@ -43,31 +44,8 @@ def tiny_sd_upscale_pipeline(scheduler: str = "ddim", prediction_type: str = "v_
         norm_num_groups=2,
         num_class_embeds=1000,  # the augmentation level (noise_level) is the class label, as in the real model
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,  # 2 downsamplings: factor 4, as the real upscaler's
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=0.08333,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=1000,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-        )
-    )
+    vae = tiny_autoencoder_kl(0.08333, block_out_channels=(8, 8, 16))  # factor 4, the real one's
+    text_encoder = tiny_clip_text_encoder(32)
     sched = make_scheduler(
         scheduler,
         num_train_timesteps=1000,
@@ -79,8 +57,8 @@ def tiny_sd_upscale_pipeline(scheduler: str = "ddim", prediction_type: str = "v_
         **({"clip_sample": False, "set_alpha_to_one": False} if scheduler == "ddim" else {}),
     )
     pipe = StableDiffusionUpscalePipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=tiny_clip_tokenizer(),
         unet=unet.eval(),
         low_res_scheduler=DDPMScheduler(),

@@ -11,27 +11,12 @@ from __future__ import annotations
 import torch
 
 from .sd import make_scheduler, tiny_clip_tokenizer
+from .text import tiny_clip_text_encoder
+from .vae import tiny_autoencoder_kl
 
 __all__ = ["SDXL_KINDS", "tiny_sdxl_pipeline"]
 
 SDXL_KINDS = ("text2img", "img2img", "inpaint")
-
-
-def _text_config():
-    from transformers import CLIPTextConfig
-
-    return CLIPTextConfig(
-        vocab_size=1000,
-        hidden_size=32,
-        intermediate_size=37,
-        num_attention_heads=4,
-        num_hidden_layers=2,
-        max_position_embeddings=77,
-        bos_token_id=512,
-        eos_token_id=513,
-        pad_token_id=513,
-        projection_dim=32,
-    )
 
 
 def tiny_sdxl_pipeline(kind: str = "text2img", scheduler: str = "euler", inpaint_channels: int = 9):
@@ -45,13 +30,11 @@ def tiny_sdxl_pipeline(kind: str = "text2img", scheduler: str = "euler", inpaint
     ``pooled_prompt_embeds`` (B, 32). Sizes must be multiples of 8 (use height=width=32).
     """
     from diffusers import (
-        AutoencoderKL,
         StableDiffusionXLImg2ImgPipeline,
         StableDiffusionXLInpaintPipeline,
         StableDiffusionXLPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     classes = {
         "text2img": StableDiffusionXLPipeline,
@@ -79,21 +62,9 @@ def tiny_sdxl_pipeline(kind: str = "text2img", scheduler: str = "euler", inpaint
         addition_time_embed_dim=8,
         projection_class_embeddings_input_dim=32 + 6 * 8,  # pooled text (32) + six time ids of 8 each
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-        scaling_factor=0.13025,
-        force_upcast=False,  # float32 weights: nothing to upcast (the real fp16 VAE sets True)
-    )
-    text_encoder = CLIPTextModel(_text_config())
-    text_encoder_2 = CLIPTextModelWithProjection(_text_config())
+    vae = tiny_autoencoder_kl(0.13025)  # SDXL's scaling_factor; the real fp16 VAE sets force_upcast
+    text_encoder = tiny_clip_text_encoder(32)
+    text_encoder_2 = tiny_clip_text_encoder(32, projection_dim=32)  # its pooled projection
     sched = make_scheduler(
         scheduler,
         num_train_timesteps=1000,
@@ -104,9 +75,9 @@ def tiny_sdxl_pipeline(kind: str = "text2img", scheduler: str = "euler", inpaint
         **({"clip_sample": False, "set_alpha_to_one": False} if scheduler == "ddim" else {}),
     )
     pipe = classes[kind](
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        text_encoder_2=text_encoder_2.eval(),
+        vae=vae,
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
         tokenizer=tiny_clip_tokenizer(),
         tokenizer_2=tiny_clip_tokenizer(),
         unet=unet.eval(),
