@@ -43,6 +43,7 @@ __all__ = [
     "particle_seed",
     "particle_seeds",
     "particle_share",
+    "selected_particles",
 ]
 
 
@@ -164,8 +165,8 @@ FINGERPRINT_FIELDS: Tuple[Tuple[str, int], ...] = (
     ("status", 1),
 )
 _PROTOCOL = 1
-_STEER, _SELECT = 1, 2
-_OPERATIONS = {_STEER: "steer_x0", _SELECT: "select"}
+_STEER, _SELECT, _DELIVER = 1, 2, 3
+_OPERATIONS = {_STEER: "steer_x0", _SELECT: "select", _DELIVER: "selected_particles"}
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "hpu")
 # Failures of a rank's own input checks, sent in the fingerprint so that every rank raises, not only that one.
@@ -505,3 +506,34 @@ def select(group: ParticleGroup, kds, x: torch.Tensor, method: str):
     return Selection(sample=sample, index=index)
 
 
+def selected_particles(kds, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Particle ``index[b]`` (a global index 0..N-1) of every item b of ``x``, shape (B, ...), on every rank.
+
+    ``x`` is this rank's rows (B*count, ...), any per-row tensor that follows the particle layout (the decoder's
+    input, say, where :meth:`~kds_hook.KDS.select` chose in another space); ``index`` the same on every rank
+    (what ``kds.select`` returned). Over a process group the owners' rows are delivered bit for bit to every rank
+    (B rows move, see :meth:`ParticleGroup.deliver`), after a fingerprint check; every rank must call it. In
+    one process it is ``x`` grouped by item, indexed.
+    """
+    share = _share_of(kds)
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    index = torch.as_tensor(index).reshape(-1)
+    group = kds._group
+    if group is None:
+        if x.ndim == 0 or x.shape[0] != share.count * index.numel():
+            raise ValueError(f"x has shape {tuple(x.shape)}; expected {index.numel()} items x {share.count} rows")
+        grouped = x.reshape(index.numel(), share.count, *x.shape[1:])
+        items = index.numel()
+        return grouped[torch.arange(items, device=x.device), index.to(x.device)]
+    error, status, items = None, _BAD_BATCH, -1
+    if x.ndim and x.shape[0] == share.count * index.numel():
+        items, status = index.numel(), _OK
+    else:
+        error = ValueError(
+            f"x has {x.shape[0]} rows, index {index.numel()} items: x must hold this rank's {share.count} "
+            "particles of each item"
+        )
+    fields = group.fingerprint(kds, _DELIVER, x, items, status, strength=index.to(torch.float64))
+    group.agree(fields, x.device, error)
+    return group.deliver(x.contiguous(), index.to(x.device), items)

@@ -25,6 +25,7 @@ from kds_hook import KDS, PatchMeanShift
 from kds_hook import distributed as kds_distributed
 from kds_hook.analytic import three_gaussians
 from kds_hook.distributed import particle_generators, particle_noise, particle_seed, particle_seeds, particle_share
+from rounding import assert_equal_to_rounding
 
 dist = pytest.importorskip("torch.distributed")
 if not dist.is_available():  # pragma: no cover - torch builds without distributed
@@ -204,6 +205,37 @@ def _samplers(kds: KDS) -> Dict[str, Any]:
     return out
 
 
+PIPELINE_PROMPTS, PIPELINE_N, PIPELINE_SEED = ["a red cube", "a blue sphere"], 5, 3
+
+
+def _pipeline_runs(kds: KDS) -> Dict[str, Any]:
+    """A tiny Stable Diffusion pipeline through kds_hook.diffusers.run, per-particle generators, decoded ("pt")
+    and as latents; plus what run() refuses over a process group."""
+    from kds_hook.diffusers import run
+    from kds_hook.testing import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline("text2img")
+    pipe.set_progress_bar_config(disable=True)
+    items = len(PIPELINE_PROMPTS)
+    out = {}
+    for output_type in ("pt", "latent"):
+        result = run(pipe, kds, prompt=PIPELINE_PROMPTS, height=32, width=32, num_inference_steps=4,
+                     generator=particle_generators(PIPELINE_SEED, items, kds), output_type=output_type)
+        out[output_type] = {"images": result.images, "latents": result.latents, "index": result.index}
+    if kds.world_size > 1:
+        out["refused"] = [
+            _message_of(lambda: run(pipe, kds, prompt=PIPELINE_PROMPTS, num_inference_steps=2,
+                                    generator=torch.Generator().manual_seed(0))),
+            _message_of(lambda: run(pipe, kds, prompt=PIPELINE_PROMPTS, num_inference_steps=2, return_particles=True,
+                                    generator=particle_generators(0, items, kds))),
+        ]
+    return out
+
+
+def _pipeline_kds(process_group=None) -> KDS:
+    return KDS(PIPELINE_N, bandwidth="auto", strength=0.5, threshold=0.0, process_group=process_group)
+
+
 def _sampler_kds(process_group=None) -> KDS:
     return KDS(SAMPLER_N, bandwidth="auto", strength=0.5, process_group=process_group)
 
@@ -259,6 +291,8 @@ def _message_of(call: Callable[[], Any]) -> str:
 def _scenario_main(rank: int, world_size: int, folder: str) -> Dict[str, Any]:
     out: Dict[str, Any] = {"steer": _steer_cases(rank, world_size)}
     out["samplers"] = _samplers(_sampler_kds(_world()))
+    if world_size == 2:
+        out["pipeline"] = _pipeline_runs(_pipeline_kds(_world()))
     out["mismatch"] = _mismatches(rank, world_size)
     try:
         KDS(world_size - 1, process_group=_world())
@@ -379,6 +413,23 @@ def test_k_diffusion_sample_is_the_same_whatever_the_world_size(main_run):
     # KDS did act: the steered particles are not those of the plain sampler from the same noise.
     plain = _samplers(KDS(SAMPLER_N, strength=0.0))
     assert (plain["sample_dpmpp_2m"]["particles"] - single["sample_dpmpp_2m"]["particles"]).abs().max() > 1e-3
+
+
+def test_diffusers_run_gives_the_single_process_output_on_every_rank(main_run):
+    world_size, per_rank = main_run
+    if world_size != 2:
+        pytest.skip("run() is checked at W = 2 (each rank builds a pipeline: seconds on a busy machine)")
+    expected = _pipeline_runs(_pipeline_kds())
+    plain = _pipeline_runs(KDS(PIPELINE_N, strength=0.0))  # KDS must act: the check's "leak"
+    for rank_out in per_rank:  # every rank returns the whole selected output
+        got = rank_out["pipeline"]
+        for output_type in ("pt", "latent"):
+            assert torch.equal(got[output_type]["index"], expected[output_type]["index"])
+            for name in ("latents", "images"):  # the UNet ran on 5 rows instead of 10: equal to rounding
+                assert_equal_to_rounding(got[output_type][name], expected[output_type][name],
+                                         leaked=plain[output_type][name])
+        one_generator, particles = got["refused"]
+        assert "particle_generators" in one_generator and "return_particles" in particles
 
 
 def test_mismatched_settings_raise_the_same_error_on_every_rank(main_run):

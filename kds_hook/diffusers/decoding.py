@@ -14,6 +14,7 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from ..distributed import selected_particles
 from ..kds import KDS
 
 __all__ = ["DecodeCapture", "KDSPipelineOutput"]
@@ -68,10 +69,13 @@ class DecodeCapture:
         self.to_latent_space, self.output_to_spatial = to_latent_space, output_to_spatial
         self.latents: Optional[torch.Tensor] = None
         self.index: Optional[torch.Tensor] = None
+        self.selected: Optional[torch.Tensor] = None
 
     def _select(self, latents: torch.Tensor) -> torch.Tensor:
         self.latents = latents
-        self.index = self.kds.select(latents).index
+        # Over a process group every rank gets the same index and the selected latents themselves.
+        selection = self.kds.select(latents)
+        self.index, self.selected = selection.index, selection.sample
         return self.index
 
     def wrap(self, decode: Callable) -> Callable:
@@ -81,8 +85,8 @@ class DecodeCapture:
             index = self._select(self.to_latent_space(z))
             if self.decode_all:
                 return decode(z, *args, **kwargs)
-            grouped = z.reshape(-1, self.kds.num_particles, *z.shape[1:])
-            return decode(grouped[torch.arange(grouped.shape[0], device=z.device), index.to(z.device)], *args, **kwargs)
+            # The chosen rows of the decoder's input (from their owner ranks over a process group).
+            return decode(selected_particles(self.kds, z, index), *args, **kwargs)
 
         return decode_selected
 
@@ -95,18 +99,21 @@ class DecodeCapture:
         else:
             decoded_all = self.decode_all
         index = self.index
-        picks = (torch.arange(items) * n + index.cpu()).tolist()
         particle_images = particle_nsfw = None
         if decoded_all:
             if self.decode_all:
                 particle_images = _group(images, items, n)
                 particle_nsfw = None if nsfw is None else _group(list(nsfw), items, n)
-            images = [images[i] for i in picks] if isinstance(images, list) else images[picks]
+            picks = (torch.arange(items) * n + index.cpu()).tolist()  # rows of this process (no group)
+            if isinstance(images, torch.Tensor):  # also over a process group: from the owner ranks
+                images = selected_particles(self.kds, images, index)
+            else:  # decoded particles: return_particles, which run() refuses over a process group
+                images = [images[i] for i in picks] if isinstance(images, list) else images[picks]
             nsfw = None if nsfw is None else [nsfw[i] for i in picks]
         grouped = self.latents.reshape(items, n, *self.latents.shape[1:])
         return KDSPipelineOutput(
             images=images,
-            latents=grouped[torch.arange(items, device=grouped.device), index.to(grouped.device)],
+            latents=self.selected,
             index=index,
             particles=grouped if self.decode_all else None,
             particle_images=particle_images,

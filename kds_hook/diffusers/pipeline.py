@@ -87,6 +87,13 @@ def run(
     ``pipe.vae.enable_slicing()`` to encode the B*N repeated images of img2img/inpaint, or to decode all
     particles with ``return_particles``, one at a time.
 
+    Over a process group (``KDS(process_group=...)``, docs/distributed.md): every rank calls ``run`` with the same
+    inputs; each runs its own share of every item's particles (``kds.local_particles`` rows per item), which needs
+    ``generator=kds_hook.distributed.particle_generators(seed, items, kds)`` (one generator per row of the rank:
+    the same particles whatever the world size), and ``latents``, when given, holds the rank's rows only.
+    Selection is :meth:`KDS.select` over the group; the chosen latents are delivered to every rank, and every
+    rank decodes them: every rank returns the same output. ``return_particles`` is refused there.
+
     The scheduler is patched for the call only: afterwards the pipeline is exactly as before (also on error). If
     the scheduler already carried a KDS patch, ``kds`` replaces it for the call and the earlier patch is
     re-applied afterwards.
@@ -111,8 +118,15 @@ def run(
                 f"{type(pipe).__name__} has no {component} (None): load the pipeline with all its components and "
                 "their weights (from_pretrained on a complete model directory or Hub id)"
             )
-    n = kds.num_particles
+    n = kds.local_particles  # N, or this rank's share of the N particles over a process group
+    if kds.world_size > 1:
+        _check_spread_call(kds, call_kwargs, return_particles)
     kwargs, items = family.expand(call_kwargs, n)
+    if kds.world_size > 1 and len(call_kwargs["generator"]) != items * n:
+        raise ValueError(
+            f"over a process group, generator must hold one generator per row of this rank ({items} item(s) x "
+            f"{n} particles = {items * n}), e.g. kds_hook.distributed.particle_generators(seed, {items}, kds)"
+        )
     layout = None if family.layout is None else family.layout(pipe, kwargs)
 
     capture = DecodeCapture(
@@ -133,6 +147,21 @@ def run(
                     stack.enter_context(_override(denoiser, "forward", make))
         output = pipe(**kwargs, return_dict=True)
     return capture.result(getattr(output, family.output), getattr(output, "nsfw_content_detected", None), items, n)
+
+
+def _check_spread_call(kds: KDS, call_kwargs: Dict[str, Any], return_particles: bool) -> None:
+    """Over a process group each rank runs its own share of rows: its noise must be its particles' own."""
+    if return_particles:
+        raise ValueError(
+            "return_particles=True over a process group: each rank holds only its own particles; use "
+            "output_type='latent' and gather them, or run in one process"
+        )
+    if not isinstance(call_kwargs.get("generator"), (list, tuple)):
+        raise ValueError(
+            "over a process group, pass generator=kds_hook.distributed.particle_generators(seed, items, kds): one "
+            "generator per particle, so that every rank draws its own particles' noise (one generator, or the "
+            "global RNG, would give every rank the same noise)"
+        )
 
 
 # ------------------------------------------------------------------------------- temporary overrides of methods
