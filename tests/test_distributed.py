@@ -13,6 +13,7 @@ import datetime
 import math
 import multiprocessing
 import os
+import re
 import time
 import traceback
 from pathlib import Path
@@ -232,6 +233,36 @@ def _pipeline_runs(kds: KDS) -> Dict[str, Any]:
     return out
 
 
+def _upscale_under_torchrun(folder: Path, rank: int, world_size: int) -> Dict[str, Any]:
+    """``kds-hook upscale`` as torchrun runs it (rank and world size in the environment; the group this process
+    already joined serves as torchrun's), on a tiny saved LDM-SR model; its exit code and output."""
+    import contextlib
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from kds_hook.cli import main
+    from kds_hook.testing import tiny_ldm_sr_pipeline
+
+    model = folder / f"sr{rank}"  # each rank its own copy: the same deterministic weights
+    tiny_ldm_sr_pipeline().save_pretrained(model)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (10, 13, 3), dtype=np.uint8)).save(folder / "in.png")
+    (folder / "out").mkdir(exist_ok=True)
+    argv = ["upscale", folder / "in.png", "-o", folder / "out" / "out.png", "--model", model, "--particles", "5",
+            "--steps", "4", "--seed", "3", "--device", "cpu"]
+    saved = dict(os.environ)
+    os.environ.update({"WORLD_SIZE": str(world_size), "RANK": str(rank), "LOCAL_RANK": str(rank)})
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = main([str(a) for a in argv])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return {"code": code, "stdout": out.getvalue(), "stderr": err.getvalue()}
+
+
 def _pipeline_kds(process_group=None) -> KDS:
     return KDS(PIPELINE_N, bandwidth="auto", strength=0.5, threshold=0.0, process_group=process_group)
 
@@ -289,10 +320,13 @@ def _message_of(call: Callable[[], Any]) -> str:
 
 
 def _scenario_main(rank: int, world_size: int, folder: str) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"steer": _steer_cases(rank, world_size)}
+    out: Dict[str, Any] = {"steer": _steer_cases(rank, world_size), "folder": folder}
     out["samplers"] = _samplers(_sampler_kds(_world()))
     if world_size == 2:
         out["pipeline"] = _pipeline_runs(_pipeline_kds(_world()))
+        dist.barrier()  # rank 0 writes in.png: the others read it after this
+        out["upscale"] = _upscale_under_torchrun(Path(folder), rank, world_size)
+        out["upscale_files"] = sorted(os.listdir(Path(folder) / "out"))
     out["mismatch"] = _mismatches(rank, world_size)
     try:
         KDS(world_size - 1, process_group=_world())
@@ -421,6 +455,7 @@ def test_diffusers_run_gives_the_single_process_output_on_every_rank(main_run):
         pytest.skip("run() is checked at W = 2 (each rank builds a pipeline: seconds on a busy machine)")
     expected = _pipeline_runs(_pipeline_kds())
     plain = _pipeline_runs(KDS(PIPELINE_N, strength=0.0))  # KDS must act: the check's "leak"
+    assert not dist.is_initialized()  # the parent computes alone
     for rank_out in per_rank:  # every rank returns the whole selected output
         got = rank_out["pipeline"]
         for output_type in ("pt", "latent"):
@@ -430,6 +465,41 @@ def test_diffusers_run_gives_the_single_process_output_on_every_rank(main_run):
                                          leaked=plain[output_type][name])
         one_generator, particles = got["refused"]
         assert "particle_generators" in one_generator and "return_particles" in particles
+
+
+def test_kds_hook_upscale_under_torchrun_writes_once_and_does_not_depend_on_the_world_size(
+    main_run, tmp_path, monkeypatch
+):
+    import socket
+
+    import numpy as np
+    from PIL import Image
+
+    world_size, per_rank = main_run
+    if world_size != 2:
+        pytest.skip("checked at W = 2")
+    runs = [r["upscale"] for r in per_rank]
+    assert [run["code"] for run in runs] == [0, 0], [run["stderr"] for run in runs]
+    assert per_rank[0]["upscale_files"] == ["out.png"]  # written once (a second write would have failed)
+    assert "upscaled" in runs[0]["stdout"] and "selected particle" in runs[0]["stdout"]
+    assert runs[1]["stdout"] == runs[1]["stderr"] == ""  # the other rank prints nothing
+    # torchrun with one process, here: the same particles, so the same pick and (to 8-bit rounding) image.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    for name, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}.items():
+        monkeypatch.setenv(name, value)
+    try:
+        alone = _upscale_under_torchrun(tmp_path, 0, 1)  # joins a group of one in this process
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert alone["code"] == 0, alone["stderr"]
+    picks = [re.search(r"selected particle (\d+)", run["stdout"]).group(1) for run in (alone, runs[0])]
+    assert picks[0] == picks[1]
+    folder = Path(per_rank[0]["folder"])
+    one, two = (np.asarray(Image.open(f / "out" / "out.png")).astype(int) for f in (tmp_path, folder))
+    assert np.abs(one - two).max() <= 1
 
 
 def test_mismatched_settings_raise_the_same_error_on_every_rank(main_run):

@@ -64,8 +64,8 @@ def _bandwidth(text: str):
 _bandwidth.__name__ = "bandwidth"  # argparse names the type in its message: "invalid bandwidth value"
 
 
-def build_kds(args: argparse.Namespace):
-    """The KDS the run uses, after checking every numeric option."""
+def build_kds(args: argparse.Namespace, process_group=None):
+    """The KDS the run uses, after checking every numeric option (over ``process_group`` under torchrun)."""
     from .. import KDS
 
     for name in ("steps", "max_batch_size"):
@@ -83,12 +83,13 @@ def build_kds(args: argparse.Namespace):
     try:
         kds = KDS(
             num_particles=args.particles, patch_size=args.patch_size, bandwidth=args.bandwidth,
-            strength=args.strength, threshold=args.threshold,
+            strength=args.strength, threshold=args.threshold, process_group=process_group,
         )
     except (TypeError, ValueError) as error:
         raise CommandError(f"invalid KDS setting: {_with_flag_names(str(error))}") from None
     if args.no_kds:  # validated the user's strength above; the comparison run uses the same KDS at strength 0
-        kds = KDS(num_particles=args.particles, patch_size=args.patch_size, bandwidth=args.bandwidth, strength=0.0)
+        kds = KDS(num_particles=args.particles, patch_size=args.patch_size, bandwidth=args.bandwidth, strength=0.0,
+                  process_group=process_group)
     return kds
 
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import models, options, outputs, sampling
+from . import distributed, models, options, outputs, sampling
 from .errors import EXIT_RUN_FAILED, CommandError, reporting_errors
 from .extras import require
 from .images import Input, expand_inputs, join_channels, pad_to_multiple, read_input, tensor_to_pil
@@ -58,6 +58,7 @@ def upscale_command(args: argparse.Namespace) -> int:
     targets = outputs.check_outputs(paths, inputs, sources, args)
     model_sources = models.model_sources(args.model, PIPELINES)
     device, dtype = options.device_and_dtype(args.device, args.dtype)
+    kds, device = distributed.spread(args, kds, device)  # under torchrun: this rank's GPU and share of particles
 
     from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion_superresolution import (
         LDMSuperResolutionPipeline,
