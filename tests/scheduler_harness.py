@@ -9,16 +9,29 @@ from the step's own output (or the stored multistep entry).
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
+import types
 from typing import Dict, Tuple
 
+import pytest
 import torch
 
 import diffusers
 from kds_hook import KDS
 from kds_hook.analytic import GaussianMixture
 from kds_hook.diffusers import SUPPORTED_SCHEDULERS
+
+# diffusers' own deprecations and warnings (numpy 2 on its torch sigmas, the deprecated "dpmsolver" algorithm,
+# torchsde's Brownian tree at sigma_min) are not ours to see; small float64 tensors run on one thread.
+MARKS = [
+    pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers"),
+    pytest.mark.filterwarnings("ignore::FutureWarning:diffusers"),
+    pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore:Should have:UserWarning:torchsde"),
+    pytest.mark.usefixtures("one_torch_thread"),
+]
 
 N = 3  # particles per item
 ITEMS = 2
@@ -59,39 +72,55 @@ CONFIGS: Dict[str, Tuple[str, dict]] = {
     "flow_euler": ("FlowMatchEulerDiscreteScheduler", {"shift": 3.0}),
     "flow_euler_sde": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
     "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "flow_lcm": ("FlowMatchLCMScheduler", {"shift": 2.0}),
+    "ltx_rf": ("LTXEulerAncestralRFScheduler", {"eta": 0.0}),
+    "cogvideox_ddim": ("CogVideoXDDIMScheduler", {"clip_sample": False}),
+    "cogvideox_dpm": ("CogVideoXDPMScheduler", {"clip_sample": False}),
+    "cm": ("CMStochasticIterativeScheduler", {"clip_denoised": False}),
+    "scm": ("SCMScheduler", {}),
 }
-FLOW_CLASSES = {name for name, spec in SUPPORTED_SCHEDULERS.items() if spec.family == "flow"}
+
+
+def has_prediction_type(cls_name: str) -> bool:
+    return "prediction_type" in inspect.signature(getattr(diffusers, cls_name).__init__).parameters
 
 
 def stores_eps(config) -> bool:
-    return getattr(config, "algorithm_type", None) in ("dpmsolver", "noise_prediction") or not getattr(
-        config, "predict_x0", True
-    )
+    """Noise-prediction solvers keep eps in their history (``config``: a scheduler config or a constructor dict)."""
+    get = config.get if isinstance(config, dict) else lambda key, default: getattr(config, key, default)
+    return get("algorithm_type", None) in ("dpmsolver", "noise_prediction") or not get("predict_x0", True)
 
 
 def cases():
     """(id, name, prediction, extra config) for every config x supported prediction type."""
     for name, (cls, config) in CONFIGS.items():
-        if cls in FLOW_CLASSES:
+        if not has_prediction_type(cls) or cls == "SCMScheduler":  # one kind of model output only
             yield f"{name}", name, None, {}
             continue
         for prediction in SUPPORTED_SCHEDULERS[cls].prediction_types:
             extra = {}
             if prediction == "flow_prediction":
-                if stores_eps(getattr(diffusers, cls)(**config).config):
+                if stores_eps(config):
                     continue  # diffusers has no flow x0 for noise-prediction algorithms
                 extra = {"use_flow_sigmas": True, "flow_shift": 2.0}
             yield f"{name}-{prediction}", name, prediction, extra
 
 
-def make(name: str, prediction: str | None = "epsilon", **extra):
+_BUILT: Dict[tuple, object] = {}
+
+
+def make(name: str, prediction: str | None = None, **extra):
+    """A fresh scheduler (a deep copy of one built once: KDPM2's constructor alone takes most of a second)."""
     cls_name, config = CONFIGS[name]
-    if cls_name in FLOW_CLASSES:
+    if not has_prediction_type(cls_name):
         prediction = None
     kwargs = {**config, **extra}
     if prediction is not None:
         kwargs["prediction_type"] = prediction
-    return getattr(diffusers, cls_name)(**kwargs)
+    key = (cls_name, repr(sorted(kwargs.items())))
+    if key not in _BUILT:
+        _BUILT[key] = getattr(diffusers, cls_name)(**kwargs)
+    return copy.deepcopy(_BUILT[key])
 
 
 def family(scheduler) -> str:
@@ -103,7 +132,7 @@ def base_name(scheduler) -> str:
 
 
 def prediction_of(scheduler) -> str:
-    return getattr(scheduler.config, "prediction_type", "flow_prediction")
+    return getattr(scheduler.config, "prediction_type", SUPPORTED_SCHEDULERS[base_name(scheduler)].prediction_types[0])
 
 
 def denoise(x_ve: torch.Tensor, sigma) -> torch.Tensor:
@@ -117,6 +146,15 @@ def model(scheduler, x_in: torch.Tensor, t) -> torch.Tensor:
     """The exact prediction, of the scheduler's type, for the model input ``x_in`` at timestep ``t``."""
     prediction = prediction_of(scheduler)
     kind = family(scheduler)
+    if prediction == "consistency":  # x0 = c_skip x + c_out F at sigma = exp(t / 250); x_in = x / sqrt(sigma^2 + sd^2)
+        sigma = math.exp(float(t) / 250)
+        x = x_in * (sigma**2 + scheduler.config.sigma_data**2) ** 0.5
+        c_skip, c_out = (float(c) for c in scheduler.get_scalings_for_boundary_condition(torch.tensor(sigma)))
+        return (denoise(x, sigma) - c_skip * x) / c_out if c_out else torch.zeros_like(x)
+    if prediction == "trigflow":  # x = cos(s) x0 + sin(s) z with z of std sigma_data; pred_x0 = cos(s) x - sin(s) F
+        angle = min(float(t), math.pi / 2 - 1e-4)
+        x0 = denoise(x_in / math.cos(angle), scheduler.config.sigma_data * math.tan(angle))
+        return (math.cos(angle) * x_in - x0) / math.sin(angle)
     if prediction == "flow_prediction":
         # x = (1 - s) x0 + s noise with s = t / T; clamped where s = 1 (the prior mean is then the answer)
         s = min(float(t) / scheduler.config.num_train_timesteps, 1 - 1e-4)
@@ -158,17 +196,37 @@ def model_input(scheduler, x: torch.Tensor, t) -> torch.Tensor:
 
 
 def start(scheduler, noise: torch.Tensor, steps: int = STEPS) -> torch.Tensor:
-    scheduler.set_timesteps(steps)
+    if base_name(scheduler) == "SCMScheduler":
+        scheduler.set_timesteps(steps, intermediate_timesteps=None)
+    else:
+        scheduler.set_timesteps(steps)
+    scheduler._harness_old_x0 = None  # CogVideoXDPMScheduler's previous x0, which its pipeline passes back
     return noise * (getattr(scheduler, "init_noise_sigma", None) or 1.0)
+
+
+def timesteps(scheduler) -> torch.Tensor:
+    """The timesteps a pipeline evaluates the model at (sCM's schedule ends with its final angle 0)."""
+    return scheduler.timesteps[:-1] if base_name(scheduler) == "SCMScheduler" else scheduler.timesteps
+
+
+def run_step(scheduler, out: torch.Tensor, t, x: torch.Tensor, **kwargs):
+    """scheduler.step as pipelines call it (CogVideoX's DPM also takes the previous x0 and timestep)."""
+    if base_name(scheduler) != "CogVideoXDPMScheduler":
+        return scheduler.step(out, t, x, **kwargs)
+    index = int((scheduler.timesteps == t).nonzero()[0])
+    back = scheduler.timesteps[index - 1] if index > 0 else None
+    prev, x0 = scheduler.step(out, scheduler._harness_old_x0, t, back, x, return_dict=False, **kwargs)
+    scheduler._harness_old_x0 = x0
+    return types.SimpleNamespace(prev_sample=prev, pred_original_sample=x0)
 
 
 def sample(scheduler, noise: torch.Tensor, seed: int = 0, steps: int = STEPS) -> torch.Tensor:
     """A pipeline's denoising loop (one generator for the whole run, as pipelines pass it)."""
     x = start(scheduler, noise, steps)
     kwargs = step_kwargs(scheduler, seed)
-    for t in scheduler.timesteps:
+    for t in timesteps(scheduler):
         out = model(scheduler, model_input(scheduler, x, t), t)
-        x = scheduler.step(out, t, x, **kwargs).prev_sample
+        x = run_step(scheduler, out, t, x, **kwargs).prev_sample
     return x
 
 
@@ -206,7 +264,7 @@ def step_and_x0(scheduler, t, x: torch.Tensor, out: torch.Tensor, seed: int = 0)
     first_order = getattr(scheduler, "state_in_first_order", True)
     saved = [getattr(scheduler, a, None) for a in ("sample", "prev_derivative", "dt")]
     saved_sample, saved_derivative, saved_dt = saved
-    result = scheduler.step(out, t, x, **step_kwargs(scheduler, seed))
+    result = run_step(scheduler, out, t, x, **step_kwargs(scheduler, seed))
     prev = result.prev_sample
     index = getattr(scheduler, "step_index", None) and scheduler.step_index - 1
     if patched_method(scheduler) == "convert_model_output":
@@ -232,6 +290,19 @@ def step_and_x0(scheduler, t, x: torch.Tensor, out: torch.Tensor, seed: int = 0)
         noise = torch.randn(x.shape, generator=step_kwargs(scheduler, seed)["generator"], dtype=torch.float32)
         sigma_next = scheduler.sigmas[index + 1].double()
         return (prev.double() - sigma_next * noise.double()) / (1 - sigma_next), prev, first_order
+    if name == "FlowMatchLCMScheduler":  # prev = (1 - sigma_next) x0 + sigma_next noise, noise in x0's dtype
+        dtype = torch.promote_types(torch.float32, out.dtype)
+        noise = torch.randn(x.shape, generator=step_kwargs(scheduler, seed)["generator"], dtype=dtype)
+        sigma_next = scheduler.sigmas[index + 1].double()
+        return (prev.double() - sigma_next * noise.double()) / (1 - sigma_next), prev, first_order
+    if name == "LTXEulerAncestralRFScheduler":  # eta = 0: prev = r x + (1 - r) x0 with r = sigma_next / sigma
+        r = scheduler.sigmas[index + 1].double() / scheduler.sigmas[index].double()
+        return (prev.double() - r * x.double()) / (1 - r), prev, first_order
+    if name == "CMStochasticIterativeScheduler":  # prev = x0 + noise * sqrt(sigma_hat^2 - sigma_min^2)
+        noise = torch.randn(x.shape, generator=step_kwargs(scheduler, seed)["generator"], dtype=out.dtype)
+        sigma_min, sigma_max = scheduler.config.sigma_min, scheduler.config.sigma_max
+        sigma_hat = scheduler.sigmas[min(index + 1, len(scheduler.sigmas) - 1)].clamp(sigma_min, sigma_max)
+        return prev - noise * (sigma_hat**2 - sigma_min**2) ** 0.5, prev, first_order
     if name == "FlowMatchHeunDiscreteScheduler":
         sigma = scheduler.sigmas[index].double()
         if first_order:  # prev = x + (sigma_next - sigma) * v
@@ -249,6 +320,8 @@ FLOAT32_STEPS = {
     "EDMEulerScheduler",
     "FlowMatchEulerDiscreteScheduler",
     "FlowMatchHeunDiscreteScheduler",
+    "FlowMatchLCMScheduler",
+    "LTXEulerAncestralRFScheduler",
 }
 
 

@@ -16,6 +16,7 @@ import diffusers  # noqa: E402
 from kds_hook.diffusers import apply_patch  # noqa: E402
 from reference import reference_mean_shift  # noqa: E402
 from scheduler_harness import (  # noqa: E402
+    MARKS,
     BANDWIDTH,
     N,
     initial_noise,
@@ -28,13 +29,7 @@ from scheduler_harness import (  # noqa: E402
     step_and_x0,
 )
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers"),
-    pytest.mark.filterwarnings("ignore::FutureWarning:diffusers"),
-    pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore:Should have:UserWarning:torchsde"),
-    pytest.mark.usefixtures("one_torch_thread"),
-]
+pytestmark = MARKS
 
 
 def recorded(scheduler, steerer, **set_timesteps):

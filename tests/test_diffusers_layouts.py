@@ -17,13 +17,9 @@ from kds_hook.diffusers import (  # noqa: E402
     remove_patch,
 )
 from reference import reference_mean_shift  # noqa: E402
-from scheduler_harness import BANDWIDTH, N, kds, make, model, start  # noqa: E402
+from scheduler_harness import BANDWIDTH, MARKS, N, kds, make, model, start  # noqa: E402
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::FutureWarning:diffusers"),
-    pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning"),
-    pytest.mark.usefixtures("one_torch_thread"),
-]
+pytestmark = MARKS
 
 H, W, C = 4, 6, 2  # latent grid and channels
 
@@ -180,3 +176,17 @@ def test_packed_layout_general_patch():
         assert torch.equal(layout.to_spatial(layout.from_spatial(x, like)), x)
     tokens = PackedLayout(6, 6, 1).from_spatial(x, torch.empty(2, 36, 5))
     assert torch.equal(tokens, x.reshape(2, 5, 36).permute(0, 2, 1))
+
+
+@pytest.mark.parametrize("patch, patch_t", [(1, 1), (2, 1), (2, 3)])
+def test_packed_video_is_ltx_pack_and_unpack(patch, patch_t):
+    """Video packed into tokens (LTX-Video): PackedLayout(..., frames=F, patch_t=pt) is diffusers' own packing."""
+    ltx = pytest.importorskip("diffusers.pipelines.ltx.pipeline_ltx")
+    frames, height, width = 3 * patch_t, 4, 6
+    x = torch.randn(N, C, frames, height, width, generator=torch.Generator().manual_seed(6))
+    layout = PackedLayout(height, width, patch, frames=frames, patch_t=patch_t)
+    packed = ltx.LTXPipeline._pack_latents(x, patch, patch_t)
+    assert torch.equal(layout.from_spatial(x, packed), packed)
+    unpacked = ltx.LTXPipeline._unpack_latents(packed, frames // patch_t, height // patch, width // patch, patch, patch_t)
+    assert torch.equal(layout.to_spatial(packed), unpacked)
+    assert torch.equal(unpacked, x)

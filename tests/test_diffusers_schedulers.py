@@ -22,6 +22,7 @@ from kds_hook import KDS  # noqa: E402
 from kds_hook.diffusers import SUPPORTED_SCHEDULERS, apply_patch, patched_kds, remove_patch  # noqa: E402
 from reference import reference_mean_shift  # noqa: E402
 from scheduler_harness import (  # noqa: E402
+    MARKS,
     BANDWIDTH,
     CONFIGS,
     N,
@@ -39,17 +40,11 @@ from scheduler_harness import (  # noqa: E402
     sample,
     start,
     step_and_x0,
+    timesteps,
     tolerance,
 )
 
-# diffusers' own deprecations (numpy 2 copy keyword, the deprecated "dpmsolver" algorithm) are not ours to see
-pytestmark = [
-    pytest.mark.filterwarnings("ignore::DeprecationWarning:diffusers"),
-    pytest.mark.filterwarnings("ignore::FutureWarning:diffusers"),
-    pytest.mark.filterwarnings("ignore:__array_wrap__:DeprecationWarning"),  # numpy on diffusers' torch sigmas
-    pytest.mark.filterwarnings("ignore:Should have:UserWarning:torchsde"),  # the Brownian tree at sigma_min
-    pytest.mark.usefixtures("one_torch_thread"),
-]
+pytestmark = MARKS
 
 CASES = [pytest.param(name, prediction, extra, id=case_id) for case_id, name, prediction, extra in cases()]
 
@@ -84,9 +79,10 @@ def test_zero_strength_one_particle_reapply_and_removal_are_bit_identical(name, 
 
 # 20 steps where 8 are too few: the noise-prediction solvers (dpmsolver singlestep, SA-Solver noise_prediction)
 # extrapolate the steered eps over so large a step that the ensemble spreads out instead, and the stochastic
-# SA-Solver and ancestral KDPM2 inject so much noise per step that 2 seeds do not show it (see
-# docs/diffusers-schedulers.md).
-CONTRACTION_STEPS = {"single_dpm": 20, "sa": 20, "sa_noise": 20, "kdpm2_a": 20}
+# SA-Solver, ancestral KDPM2 and CogVideoX's DPM inject so much noise per step that 2 seeds do not show it
+# item by item (see docs/diffusers-schedulers.md).
+CONTRACTION_STEPS = {"single_dpm": 20, "sa": 20, "sa_noise": 20, "kdpm2_a": 20, "cogvideox_dpm": 20}
+NOISY = {"kdpm2_a": 0.95, "cogvideox_dpm": 0.97}  # these: the mean ratio over items and seeds is below this
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -102,8 +98,8 @@ def test_steering_contracts_each_ensemble(name):
         steered = apply_patch(make(name), kds(strength=0.6, bandwidth=2.0))
         ratios.append(particle_spread(sample(steered, noise, seed, steps=steps)) / plain)
     ratios = torch.cat(ratios)
-    if name == "kdpm2_a":  # its noise scatters single items' ratios around a mean below 1
-        assert float(ratios.mean()) < 0.95, ratios
+    if name in NOISY:  # their noise scatters single items' ratios around a mean below 1
+        assert float(ratios.mean()) < NOISY[name], ratios
     else:
         assert bool((ratios < 1).all()), ratios
 
@@ -126,7 +122,7 @@ def test_steered_x0_is_the_reference_mean_shift_while_the_gate_is_open(name, pre
     start(twin, initial_noise(2))
     tol = tolerance(scheduler)
     opened, closed, moved = {True: 0, False: 0}, 0, 0.0
-    for t in scheduler.timesteps:
+    for t in timesteps(scheduler):
         out = model(scheduler, model_input(scheduler, x, t), t)
         model_input(twin, x, t)
         plain, _, _ = step_and_x0(twin, t, x, out)
@@ -143,7 +139,7 @@ def test_steered_x0_is_the_reference_mean_shift_while_the_gate_is_open(name, pre
                 torch.testing.assert_close(steered, plain, rtol=tol, atol=tol)
             else:
                 assert torch.equal(steered, plain)
-    assert len(steerer.history) == len(scheduler.timesteps)  # one record per model evaluation
+    assert len(steerer.history) == len(timesteps(scheduler))  # one record per model evaluation
     assert opened[True] and closed and moved > 1e-3
     if SUPPORTED_SCHEDULERS[base_name(scheduler)].evaluations == "both" and base_name(scheduler) != (
         "DPMSolverSinglestepScheduler"

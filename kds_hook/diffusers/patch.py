@@ -138,6 +138,8 @@ def _scheduler_of(obj: Any) -> Any:
     scheduler = getattr(obj, "scheduler", None)
     if scheduler is not None and callable(getattr(scheduler, "step", None)):
         return scheduler
+    if hasattr(obj, "config") and callable(getattr(obj, "set_timesteps", None)):
+        return obj  # a scheduler without step (ScoreSdeVeScheduler): refused by name, with its reason
     raise TypeError(f"expected a diffusers pipeline (with .scheduler) or a scheduler, got {type(obj).__name__}")
 
 

