@@ -21,9 +21,9 @@ DEFAULT_UPSCALE_MODEL = "CompVis/ldm-super-resolution-4x-openimages"
 PIPELINES = ("LDMSuperResolutionPipeline", "KDSSuperResolutionPipeline")
 BUILTIN = "builtin"  # --model value for the model that ships with kds-hook (kds_hook.sr.load_builtin)
 # Defaults per model: the built-in pixel-space model runs its UNet at the output size. A 128x128 input (512x512
-# out) with 4 particles and 10 steps took 154 s of CPU time (2 threads, a shared machine), so 8 steps (32 UNet
-# evaluations) take about a minute on 2 idle CPU cores.
-BUILTIN_STEPS, BUILTIN_PARTICLES = 8, 4
+# out) with 4 particles and 6 steps (24 UNet evaluations at 512x512) took 98 s of CPU time with 2 threads, so
+# about a minute on 2 idle CPU cores (136 s of wall time on the shared machine where it was measured).
+BUILTIN_STEPS, BUILTIN_PARTICLES = 6, 4
 HUB_STEPS, HUB_PARTICLES = 50, 10
 _BUILTIN_HINT = f"or run offline with --model {BUILTIN}, the small model that ships with kds-hook"
 # What the command imports (all from the diffusers extra), checked before anything else.
