@@ -128,8 +128,6 @@ _FLUX = PipelineFamily(
 # Pipeline class name (or a base class's) -> its family.
 FAMILIES: Dict[str, PipelineFamily] = {
     "LDMSuperResolutionPipeline": PipelineFamily(("unet",), "vqvae", expand_ldm_sr, _unchanged),
-    # kds_hook.sr's pixel-space model: its latents are the scaled residuals; pipe.decoder adds the bicubic image
-    "KDSSuperResolutionPipeline": PipelineFamily(("unet",), "decoder", expand_kds_sr, _unchanged),
     "StableDiffusionPipeline": _SD,
     "StableDiffusionImg2ImgPipeline": _SD,
     "StableDiffusionInpaintPipeline": _SD,
@@ -151,6 +149,8 @@ FAMILIES: Dict[str, PipelineFamily] = {
         ("transformer", "transformer_2"), "vae", _text_family(_PROMPTS, per_prompt_arg="num_videos_per_prompt"),
         _wan_latent_space, output="frames",
     ),
+    # kds_hook.sr's pixel-space model: its latents are the scaled residuals; pipe.decoder adds the bicubic image
+    "KDSSuperResolutionPipeline": PipelineFamily(("unet",), "decoder", expand_kds_sr, _unchanged),
 }
 
 
