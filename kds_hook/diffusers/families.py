@@ -6,7 +6,8 @@ scheduler's latent space), and, for packed latents, the layout the scheduler pat
 
 Latent scalings (the pipeline decodes ``z``; the scheduler works on ``x``):
 
-- LDM super-resolution: ``z = x``.
+- LDM super-resolution: ``z = x``; kds_hook.sr's pixel-space model too (its "autoencoder" is ``pipe.decoder``,
+  which adds the bicubic image to the scaled residual).
 - Stable Diffusion 1/2, the x4 upscaler: ``z = x / scaling_factor``.
 - SDXL: ``z = x / scaling_factor``, or ``x * latents_std / scaling_factor + latents_mean`` where the VAE config
   has per-channel statistics.
@@ -22,7 +23,7 @@ from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
-from .inputs import Expanded, expand_inputs, expand_ldm_sr
+from .inputs import Expanded, expand_inputs, expand_kds_sr, expand_ldm_sr
 
 __all__ = ["PipelineFamily", "FAMILIES", "family_of"]
 
@@ -148,6 +149,8 @@ FAMILIES: Dict[str, PipelineFamily] = {
         ("transformer", "transformer_2"), "vae", _text_family(_PROMPTS, per_prompt_arg="num_videos_per_prompt"),
         _wan_latent_space, output="frames",
     ),
+    # kds_hook.sr's pixel-space model: its latents are the scaled residuals; pipe.decoder adds the bicubic image
+    "KDSSuperResolutionPipeline": PipelineFamily(("unet",), "decoder", expand_kds_sr, _unchanged),
 }
 
 

@@ -137,6 +137,22 @@ def expand_ldm_sr(call_kwargs: Dict[str, Any], n: int) -> Expanded:
     return kwargs, items
 
 
+def expand_kds_sr(call_kwargs: Dict[str, Any], n: int) -> Expanded:
+    """kds_hook.sr's KDSSuperResolutionPipeline: ``image`` (PIL, list of PIL of one size, uint8 array or
+    (B, 3, h, w) tensor in [-1, 1]) to B·N rows, converted as the pipeline itself converts it."""
+    from ..sr.pipeline import preprocess
+
+    kwargs = dict(call_kwargs)
+    if kwargs.get("image") is None:
+        raise ValueError("KDSSuperResolutionPipeline needs image=")
+    batch = preprocess(kwargs["image"])
+    items = batch.shape[0]
+    kwargs["image"] = batch.repeat_interleave(n, dim=0)
+    check_latents(kwargs, items * n, items, n)
+    expand_generator(kwargs, (items, items * n))
+    return kwargs, items
+
+
 def check_latents(kwargs: Dict[str, Any], rows: int, items: int, n: int) -> None:
     latents = kwargs.get("latents")
     if latents is not None and latents.shape[0] != rows:
