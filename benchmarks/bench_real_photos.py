@@ -84,11 +84,13 @@ def plot_worst(joined: Dict[str, Dict[str, torch.Tensor]], metrics: List[str], p
         x = joined["plain: worst particle" + (" by LPIPS" if m == "lpips" else "")][m]
         for name, marker in (("KDS (paper: h=0.3)", "o"), ("plain: closest to mean", "x")):
             ax.scatter(x, joined[name][m], s=14, marker=marker, label=name, alpha=0.8)
-        lo, hi = float(min(x.min(), joined["KDS (paper: h=0.3)"][m].min())), float(max(x.max(), joined["KDS (paper: h=0.3)"][m].max()))
+        y = joined["KDS (paper: h=0.3)"][m]
+        lo, hi = float(min(x.min(), y.min())), float(max(x.max(), y.max()))
         ax.plot([lo, hi], [lo, hi], color="0.5", linewidth=0.8)
         ax.set_xlabel(f"worst plain particle ({m.upper()})")
         ax.set_ylabel(f"output ({m.upper()})")
-        ax.set_title(f"{m.upper()}: " + ("above" if m == "psnr" else "below") + " the line = better than the worst", fontsize=9)
+        side = "above" if m == "psnr" else "below"
+        ax.set_title(f"{m.upper()}: {side} the line = better than the worst", fontsize=9)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -159,7 +161,8 @@ def main() -> None:
             record("plain: worst particle by LPIPS", pick(plain, particles["lpips"], largest=True))
         mse = (plain.grouped() - ((truth + 1) / 2).unsqueeze(1)).square().flatten(2).mean(2)
         record("Best-of-N: oracle (lowest MSE)", pick(plain, mse, largest=False))
-        lr_err = (bicubic_downsample(plain.images * 2 - 1) - low_res.repeat_interleave(n, 0)).square().flatten(1).mean(1)
+        lr_err = bicubic_downsample(plain.images * 2 - 1) - low_res.repeat_interleave(n, 0)
+        lr_err = lr_err.square().flatten(1).mean(1)
         record("Best-of-N: most consistent with LR", pick(plain, lr_err.reshape(crops, n), largest=False))
         record("Best-of-N: sharpest", pick(plain, laplacian_energy(plain.images).reshape(crops, n), largest=True))
         plain_mean_latent = plain.latents.reshape(crops, n, *plain.latents.shape[1:]).mean(1)
@@ -200,9 +203,10 @@ def main() -> None:
     for particles in n_sweep:
         progress(f"sweep: N={particles}, plain and h=0.3")
         noise_n = noise_for(0, particles)
-        base = score_images(sample_particles(pipe, low_res, noise_n, particles, num_inference_steps=steps).selected()[0],
-                            truth, lpips_model)
-        run = sample_particles(pipe, low_res, noise_n, particles, kds=KDS(particles, **PAPER), num_inference_steps=steps)
+        plain_n = sample_particles(pipe, low_res, noise_n, particles, num_inference_steps=steps)
+        base = score_images(plain_n.selected()[0], truth, lpips_model)
+        run = sample_particles(pipe, low_res, noise_n, particles, kds=KDS(particles, **PAPER),
+                               num_inference_steps=steps)
         scores = score_images(run.selected()[0], truth, lpips_model)
         sweep[f"h=0.3, N={particles}"] = {m: scores[m] - base[m] for m in metrics}
 
@@ -217,7 +221,8 @@ def main() -> None:
         + ("" if lpips_model is not None else " **LPIPS skipped: weights missing.**")
     ]
     headers = ["method"] + [m.upper() for m in metrics]
-    rows = [[name] + [fmt_mean_se(values[m], 4 if m != "psnr" else 3) for m in metrics] for name, values in joined.items()]
+    rows = [[name] + [fmt_mean_se(values[m], 4 if m != "psnr" else 3) for m in metrics]
+            for name, values in joined.items()]
     sections.append("### Absolute scores\n\n" + markdown_table(headers, rows))
     time_rows = [[name, fmt_mean_se(torch.tensor(v), 2)] for name, v in seconds.items()]
     plain_time = torch.tensor(seconds["plain DDIM"])
@@ -233,7 +238,8 @@ def main() -> None:
             for m in metrics:
                 d = joined[a_name][m] - joined[b_name][m]
                 better = (d < 0) if m in LOWER_IS_BETTER else (d > 0)
-                cells.append(f"{fmt_mean_se(d, 4 if m != 'psnr' else 3, signed=True)} ({100 * float(better.double().mean()):.0f} %)")
+                share = 100 * float(better.double().mean())
+                cells.append(f"{fmt_mean_se(d, 4 if m != 'psnr' else 3, signed=True)} ({share:.0f} %)")
             out.append([f"{a_name} - {b_name}"] + cells)
         return out
 

@@ -117,7 +117,7 @@ class KDSDenoiser(nn.Module):
         flat = sigma.reshape(-1)
         if flat.numel() <= 1 or bool((flat == flat[0]).all()):
             return self.sigma_to_t_frac(flat[:1])
-        num_particles = self.kds.num_particles
+        num_particles = self.kds.local_particles  # this rank's share with a process group
         if flat.numel() != rows or rows % num_particles:
             return self.sigma_to_t_frac(flat)  # steer_x0 names the mismatch
         per_item = flat.reshape(-1, num_particles)
@@ -129,7 +129,7 @@ class KDSDenoiser(nn.Module):
     def _threshold_strength(self, sigma: Union[float, torch.Tensor]) -> Union[float, torch.Tensor]:
         """kds.gate.strength where sigma >= sigma_threshold, else 0: a float, or one value per item."""
         rows = sigma.numel() if isinstance(sigma, torch.Tensor) else 1
-        level = per_item_values(sigma, rows, self.kds.num_particles, "noise level sigma")
+        level = per_item_values(sigma, rows, self.kds.local_particles, "noise level sigma")
         on = self.kds.gate.strength
         if isinstance(level, torch.Tensor):
             return (level >= self.sigma_threshold).to(torch.float64) * on
@@ -247,7 +247,8 @@ def sample(
             those is missing from ``sampler_kwargs`` is derived from ``sigmas``: ``sigma_min`` = the smallest
             positive sigma, ``sigma_max`` = the largest, ``n`` (model evaluations) = ``len(sigmas) - 1``.
             Pass ``sigmas=None`` to give them all explicitly.
-        kds: the KDS configuration; ``kds.num_particles`` is N.
+        kds: the KDS configuration; ``kds.num_particles`` is N. With ``KDS(process_group=...)`` every rank calls
+            ``sample`` with its own share of every item's particles (see below).
         extra_args: the model's keyword arguments. Tensors (also inside dicts, lists and tuples) whose first
             dim is B are repeated to B*N with ``repeat_interleave`` (particles contiguous); tensors already of
             batch B*N and 0-d tensors pass unchanged; any other batch raises ``ValueError``.
@@ -261,6 +262,13 @@ def sample(
 
     Particles of different items never interact through KDS; note that ``sample_dpm_adaptive`` picks its step
     sizes from an error norm over the whole batch, so there the items share step sizes.
+
+    Over a process group (``KDS(process_group=...)``, docs/distributed.md): every rank calls ``sample`` with the
+    same sampler, sigmas and items, and ``x`` holds only its own particles of each item,
+    (B*kds.local_particles, ...): draw them with :func:`kds_hook.distributed.particle_noise` to get the same
+    particles whatever the world size. ``extra_args`` are repeated to that share. Every rank returns the same
+    selection (the selected particles are delivered to every rank); ``SampleResult.particles`` holds this rank's
+    particles only. ``sample_dpm_adaptive`` is refused there: each rank would choose its own step sizes.
     """
     if isinstance(sampler, str):
         raise TypeError(
@@ -273,11 +281,17 @@ def sample(
         raise TypeError(f"kds must be a kds_hook.KDS, got {type(kds).__name__}")
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x must be a torch.Tensor of initial noise, got {type(x).__name__}")
-    num_particles = kds.num_particles
+    num_particles = kds.local_particles  # N, or this rank's share of the N particles over a process group
     if x.ndim < 2 or x.shape[0] % num_particles:
+        share = "" if kds.world_size == 1 else f" (this rank's share of N={kds.num_particles} over {kds.world_size} ranks)"
         raise ValueError(
-            f"x has shape {tuple(x.shape)}: its batch must hold N={num_particles} contiguous particles per item, "
-            f"(B*N, ...); draw it as torch.randn(B * {num_particles}, ...) * sigmas[0]"
+            f"x has shape {tuple(x.shape)}: its batch must hold {num_particles} contiguous particles per item"
+            f"{share}, (B*{num_particles}, ...); draw it as torch.randn(B * {num_particles}, ...) * sigmas[0]"
+        )
+    if kds.world_size > 1 and "rtol" in inspect.signature(sampler).parameters:
+        raise ValueError(
+            f"{getattr(sampler, '__name__', 'this sampler')} chooses its step sizes from an error estimate over "
+            "its own batch, so the ranks of a process group would step apart; use a sampler with a fixed schedule"
         )
     items = x.shape[0] // num_particles
 

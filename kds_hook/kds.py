@@ -14,6 +14,8 @@ from ._checks import (
     check_particle_batch,
     check_strength,
 )
+from . import distributed as _distributed
+from .distributed import ParticleShare
 from .gate import Schedule, TimeGate
 from .meanshift import PatchMeanShift
 from .selection import SELECTION_METHODS, Selection, select_particles
@@ -51,6 +53,11 @@ class KDS:
         record: append a :class:`StepRecord` to :attr:`history` at every :meth:`steer_x0` call, steered or not
             (costs a device sync or two per steered call).
         check_finite: raise on NaN/Inf in x0 (one reduction per call).
+        process_group: a ``torch.distributed`` process group over which the N particles of every item are
+            spread (see :mod:`kds_hook.distributed` and docs/distributed.md). Rank r of W holds particles
+            :attr:`particle_share` ``= (offset, count)`` of every item, ``count = N // W + (r < N % W)``;
+            :meth:`steer_x0` and :meth:`select` then take that rank's rows only, (B*count, ...), and must be
+            called on every rank at the same steps. None (the default), or a group of one, is one process.
     """
 
     def __init__(
@@ -66,6 +73,7 @@ class KDS:
         selection: str = "mean",
         record: bool = False,
         check_finite: bool = True,
+        process_group=None,
     ):
         self.num_particles = check_num_particles(num_particles)
         self.meanshift = PatchMeanShift(patch_size=patch_size, bandwidth=bandwidth)
@@ -79,6 +87,10 @@ class KDS:
         self.record = bool(record)
         self.check_finite = bool(check_finite)
         self.history: List[StepRecord] = []
+        self.process_group = process_group
+        shared = None if process_group is None else _distributed.ParticleGroup(process_group, self.num_particles)
+        # A group of one is a single process: the same code path, bit for bit, and no collectives.
+        self._group = shared if shared is not None and shared.world_size > 1 else None
 
     @classmethod
     def from_minkds(
@@ -121,10 +133,31 @@ class KDS:
         )
 
     def __repr__(self) -> str:
+        spread = "" if self._group is None else f", rank={self.rank} of {self.world_size}"
         return (
             f"KDS(num_particles={self.num_particles}, patch_size={self.meanshift.patch_size!r}, "
-            f"bandwidth={self.meanshift.bandwidth!r}, gate={self.gate!r})"
+            f"bandwidth={self.meanshift.bandwidth!r}, gate={self.gate!r}{spread})"
         )
+
+    @property
+    def particle_share(self) -> ParticleShare:
+        """This rank's particles of every item: ``(offset, count)`` (``(0, N)`` without a process group)."""
+        return ParticleShare(0, self.num_particles) if self._group is None else self._group.share
+
+    @property
+    def local_particles(self) -> int:
+        """Rows per item in the batches this process steers: its share of the N particles (N in one process)."""
+        return self.particle_share.count
+
+    @property
+    def world_size(self) -> int:
+        """Ranks sharing the particles (1 without a process group)."""
+        return 1 if self._group is None else self._group.world_size
+
+    @property
+    def rank(self) -> int:
+        """This process's rank in the process group (0 without one)."""
+        return 0 if self._group is None else self._group.rank
 
     @property
     def patch_size(self):
@@ -154,11 +187,17 @@ class KDS:
         itself is returned untouched, so the sampler's own code path runs bit for bit. Steering is not
         differentiable: a ``denoised`` that requires grad, with grad enabled, is refused with a ``ValueError``.
         """
-        check_particle_batch(denoised, self.num_particles)  # also when the gate is closed: wrong batches fail early
+        batch_error = None
+        try:  # also when the gate is closed: wrong batches fail early
+            check_particle_batch(denoised, self.local_particles)
+        except (TypeError, ValueError) as error:
+            if self._group is None or not isinstance(denoised, torch.Tensor):
+                raise
+            batch_error = error  # raised on every rank once the others know (here alone if nothing is steered)
         if strength is not None:
             strength = check_strength(strength)
             t_value = float("nan") if t_frac is None else float(torch.as_tensor(t_frac).reshape(-1)[0])
-            return self._steer(denoised, strength, t_value)
+            return self._steer(denoised, strength, t_value, batch_error)
         if t_frac is None:
             if self.sigma_to_t_frac is None:
                 raise ValueError(
@@ -169,27 +208,42 @@ class KDS:
                 raise ValueError("KDS.steer_x0 needs sigma (or t_frac) to know the diffusion time")
             t_frac = self.sigma_to_t_frac(sigma)
         strength, t_value = self._strength_per_item(t_frac, denoised)
-        return self._steer(denoised, strength, t_value)
+        return self._steer(denoised, strength, t_value, batch_error)
 
-    def _steer(self, denoised: torch.Tensor, strength, t_value: float) -> torch.Tensor:
+    def _steer(
+        self, denoised: torch.Tensor, strength, t_value: float, batch_error: Optional[BaseException] = None
+    ) -> torch.Tensor:
         if self.num_particles == 1 or _is_zero(strength):
+            if batch_error is not None:  # nothing is communicated on a shut step: this rank alone raises
+                raise batch_error
             if self.record:
                 self.history.append(StepRecord(t_value, 0.0, None, None))
             return denoised
-        check_no_autograd(denoised)
-        steered = self.meanshift(
-            denoised, self.num_particles, strength, check_finite_values=self.check_finite
-        )
+        if self._group is not None:
+            # Every rank reaches here at the same steps: the gate is a function of the shared t/T.
+            steered = _distributed.steer(self._group, self, denoised, strength, t_value, batch_error)
+        else:
+            check_no_autograd(denoised)
+            steered = self.meanshift(denoised, self.num_particles, strength, check_finite_values=self.check_finite)
         if self.record:
             s = float(strength.mean()) if isinstance(strength, torch.Tensor) else strength
             h = self.meanshift.last_bandwidth
-            self.history.append(
-                StepRecord(t_value, s, self.meanshift.last_self_weight, None if h is None else float(h.mean()))
-            )
+            self_weight = self.meanshift.last_self_weight
+            if self._group is not None:  # this rank's particles only: combine into the mean over all N
+                self_weight = self._group.mean_over_particles(self_weight, denoised.device)
+            self.history.append(StepRecord(t_value, s, self_weight, None if h is None else float(h.mean())))
         return steered
 
     def select(self, x: torch.Tensor, method: Optional[str] = None) -> Selection:
-        """One particle per item (default method: :attr:`selection`); see :func:`~kds_hook.select_particles`."""
+        """One particle per item (default method: :attr:`selection`); see :func:`~kds_hook.select_particles`.
+
+        With a process group, ``x`` is this rank's (B*count, ...) rows; every rank must call it, and every rank
+        gets the same :class:`~kds_hook.Selection`: ``index`` the global particle index 0..N-1 and ``sample``
+        the chosen particles themselves, (B, ...), delivered to every rank (see docs/distributed.md for what
+        each method moves between the ranks).
+        """
+        if self._group is not None:
+            return _distributed.select(self._group, self, x, method or self.selection)
         return select_particles(
             x,
             self.num_particles,
@@ -203,7 +257,7 @@ class KDS:
 
     def _strength_per_item(self, t_frac, denoised: torch.Tensor):
         """delta as a float when all rows share one t/T, else one value per item; and the mean t/T."""
-        t = per_item_values(t_frac, denoised.shape[0], self.num_particles, "diffusion time t/T")
+        t = per_item_values(t_frac, denoised.shape[0], self.local_particles, "diffusion time t/T")
         return self.gate(t), float(t.mean()) if isinstance(t, torch.Tensor) else t
 
 

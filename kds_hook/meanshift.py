@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -185,6 +186,50 @@ class _Region:
             d[:, k + 1 :, k] = d[:, k, k + 1 :]
         return d
 
+    def sq_dists_rows(self, patches: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Squared distances of the query particles [start, stop) to all N, in the layout of :meth:`rows_of`.
+
+        Each distance is computed as in :meth:`sq_dists` (the same differences, squared and summed over the same
+        axis), so in the elementwise layout the values are bit-identical; a query's distance to itself is 0.
+        """
+        if self.matmul:
+            queries = patches[:, :, start:stop]
+            d = queries @ patches.transpose(-1, -2)  # (B, L, n, N)
+            sq_norm = patches.square().sum(dim=-1)  # (B, L, N)
+            d.mul_(-2.0).add_(sq_norm[:, :, start:stop].unsqueeze(-1)).add_(sq_norm.unsqueeze(-2)).clamp_min_(0.0)
+            d.nan_to_num_(nan=math.inf)  # overflowing Gram products, as in sq_dists
+            d.diagonal(offset=start, dim1=-2, dim2=-1).zero_()
+            return d
+        batch, n, dim, locations = patches.shape
+        queries = patches[:, start:stop]
+        d = patches.new_empty(batch, n, stop - start, locations)
+        scratch = torch.empty_like(queries, memory_format=torch.contiguous_format)
+        for k in range(n):  # p_q - p_k is exactly -(p_k - p_q): the same squares as sq_dists takes
+            torch.sub(queries, patches[:, k : k + 1], out=scratch)
+            torch.sum(scratch.square_(), dim=2, out=d[:, k])  # (B, n, L)
+        return d
+
+    def rows_of(self, d: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The query particles [start, stop) of a full (symmetric) map: (B, L, n, N) in the matmul layout, else
+        (B, N, n, L), keys first, so that ``weights[:, k]`` is key k's column as :meth:`weighted_sum` reads it.
+
+        The elementwise layout's slice is a view whose rows of locations are contiguous; the matmul layout's
+        slice runs in rows of only N values, on which the kernel's elementwise ops took longer than on the
+        whole map, so it is copied (half a map at W = 2, about a tenth of the kernel's time).
+        """
+        rows = d[:, :, start:stop]
+        return rows.contiguous() if self.matmul else rows
+
+    def key_sums(self, weights: torch.Tensor, rows: bool) -> torch.Tensor:
+        """sum_k w_ik, shaped to divide the weighted sums; ``rows``: a map of query rows (:meth:`rows_of`)."""
+        if rows and not self.matmul:
+            return weights.sum(dim=1).unsqueeze(2)  # (B, n, 1, L)
+        return weights.sum(dim=self.k_dim, keepdim=True)
+
+    def query_patches(self, patches: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """The patches of particles [start, stop) of every item (a view)."""
+        return patches[:, :, start:stop] if self.matmul else patches[:, start:stop]
+
     def pair_values(self, d: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
         """The distances of the distinct pairs (rows[j], cols[j]) at every location, flattened per item."""
         pairs = d[:, :, rows, cols] if self.matmul else d[:, rows, cols]
@@ -243,18 +288,25 @@ class PatchMeanShift:
         strength: Union[float, torch.Tensor] = 0.3,
         *,
         check_finite_values: bool = True,
+        particle_range: Optional[Tuple[int, int]] = None,
     ) -> torch.Tensor:
         """Returns ``x + strength * shift(x)``, same shape, dtype and device.
 
         ``strength`` is a float in [0, 1] or a tensor with one value per item. With ``strength == 0`` or
         ``num_particles == 1`` the input tensor itself is returned, bit for bit.
+
+        ``particle_range=(start, stop)`` steers only particles start..stop-1 of every item, against all N (the
+        others still count as neighbours, and ``"auto"`` still takes its bandwidth from all N): the result has
+        shape (B*(stop-start), ...), the rows of those particles in the full result. This is one rank's share
+        when the particles are spread over processes (:mod:`kds_hook.distributed`).
         """
         num_particles = check_num_particles(num_particles)
         strength = check_strength(strength)
         check_particle_batch(x, num_particles)
+        rows = _check_particle_range(particle_range, num_particles)
         if num_particles == 1 or (isinstance(strength, float) and strength == 0.0):
             self._self_weight = self.last_bandwidth = None  # nothing was steered: no stale diagnostics
-            return x
+            return x if rows is None else _particle_rows(x, num_particles, rows)
         check_no_autograd(x, "x")
         if check_finite_values:
             check_finite(x)
@@ -267,12 +319,21 @@ class PatchMeanShift:
                     f"strength as a tensor needs one value per item ({batch} items), got {per_item.numel()}"
                 )
             strength = per_item.expand(batch)
-        return self._shift(work, num_particles, strength).to(x.dtype)
+        return self._shift(work, num_particles, strength, rows).to(x.dtype)
 
-    def shift(self, x: torch.Tensor, num_particles: int, *, check_finite_values: bool = True) -> torch.Tensor:
-        """The mean-shift vectors m: same shape, dtype and device as x (computed in float32, or float64)."""
+    def shift(
+        self,
+        x: torch.Tensor,
+        num_particles: int,
+        *,
+        check_finite_values: bool = True,
+        particle_range: Optional[Tuple[int, int]] = None,
+    ) -> torch.Tensor:
+        """The mean-shift vectors m: same shape, dtype and device as x (computed in float32, or float64); with
+        ``particle_range``, those of particles start..stop-1 of every item only (see :meth:`__call__`)."""
         num_particles = check_num_particles(num_particles)
         check_particle_batch(x, num_particles)
+        rows = _check_particle_range(particle_range, num_particles)
         check_no_autograd(x, "x")
         if check_finite_values:
             check_finite(x)
@@ -280,31 +341,44 @@ class PatchMeanShift:
             self._self_weight = self.last_bandwidth = None
             return torch.zeros_like(x)
         work = x if x.dtype == torch.float64 else x.float()
-        return self._shift(work, num_particles).to(x.dtype)
+        return self._shift(work, num_particles, None, rows).to(x.dtype)
 
-    def log_density(self, x: torch.Tensor, num_particles: int) -> torch.Tensor:
+    def log_density(
+        self, x: torch.Tensor, num_particles: int, *, particle_range: Optional[Tuple[int, int]] = None
+    ) -> torch.Tensor:
         """Per-particle ensemble log-density, summed over patch locations, shape (B*N,).
 
         ``sum_j log sum_k exp(-||p_ij - p_kj||^2 / (2 h^2))``, up to a constant shared by the particles of an
-        item. Used by ``select_particles(..., method="density")``.
+        item. Used by ``select_particles(..., method="density")``. With ``particle_range=(start, stop)``, the
+        values of particles start..stop-1 of every item only, shape (B*(stop-start),), against all N.
         """
         num_particles = check_num_particles(num_particles)
         check_particle_batch(x, num_particles)
+        rows = _check_particle_range(particle_range, num_particles)
         check_no_autograd(x, "x")
         check_finite(x)
         work = x if x.dtype == torch.float64 else x.float()
         batch = work.shape[0] // num_particles
+        queries = num_particles if rows is None else rows[1] - rows[0]
         if num_particles == 1:
-            return torch.zeros(work.shape[0], dtype=work.dtype, device=work.device)
+            return torch.zeros(batch * queries, dtype=work.dtype, device=work.device)
         grouped, regions = self._grouped(work, num_particles)
-        sq = [region.sq_dists(region.patches(grouped)) for region in regions]
-        inv = self._inv_two_h2(regions, sq, num_particles)
+        patch_sets = [region.patches(grouped) for region in regions]
+        if rows is None:
+            sq = [region.sq_dists(p) for region, p in zip(regions, patch_sets)]
+            inv = self._inv_two_h2(regions, sq, num_particles)
+            total = 0
+            for region, d in zip(regions, sq):
+                # d_ii = 0 exactly, so sum_k exp(-d_ik / 2h^2) >= 1: the log needs no max-subtraction.
+                log_z = _kernel(d, inv).sum(dim=region.k_dim).log()  # (B, N, L) or (B, L, N)
+                total = total + log_z.sum(dim=1 if region.matmul else 2)
+            return total.reshape(batch * num_particles)
+        maps, inv = self._row_maps(regions, patch_sets, num_particles, rows)
         total = 0
-        for region, d in zip(regions, sq):
-            # d_ii = 0 exactly, so sum_k exp(-d_ik / 2h^2) >= 1: the log needs no max-subtraction.
-            log_z = _kernel(d, inv).sum(dim=region.k_dim).log()  # (B, N, L) or (B, L, N)
-            total = total + log_z.sum(dim=1 if region.matmul else 2)
-        return total.reshape(batch * num_particles)
+        for region, d in zip(regions, maps):
+            log_z = region.key_sums(_kernel(d, inv), rows=True).log()  # (B, n, 1, L) or (B, L, n, 1)
+            total = total + (log_z.sum(dim=(2, 3)) if not region.matmul else log_z.sum(dim=(1, 3)))
+        return total.reshape(batch * queries)
 
     # ------------------------------------------------------------------ internals
 
@@ -347,30 +421,77 @@ class PatchMeanShift:
         inv = (0.5 / (h * h)).nan_to_num(nan=_MAX_INV_TWO_H2).clamp(max=_MAX_INV_TWO_H2)
         return inv.reshape(batch, 1, 1, 1)
 
+    def _row_maps(
+        self, regions: List[_Region], patch_sets: List[torch.Tensor], num_particles: int, rows: Tuple[int, int]
+    ) -> Tuple[List[torch.Tensor], torch.Tensor]:
+        """The distance maps of the query particles ``rows`` to all N, and 1/(2h^2). "auto" needs every pair's
+        distance for its median, so it computes the full maps (exactly as without ``rows``: the same h) and
+        keeps their query rows; a fixed bandwidth computes the query rows only."""
+        if self.bandwidth == "auto":
+            full = [region.sq_dists(p) for region, p in zip(regions, patch_sets)]
+            inv = self._inv_two_h2(regions, full, num_particles)
+            return [region.rows_of(d, *rows) for region, d in zip(regions, full)], inv
+        maps = [region.sq_dists_rows(p, *rows) for region, p in zip(regions, patch_sets)]
+        return maps, self._inv_two_h2(regions, maps, num_particles)
+
     def _shift(
-        self, x: torch.Tensor, num_particles: int, strength: Union[None, float, torch.Tensor] = None
+        self,
+        x: torch.Tensor,
+        num_particles: int,
+        strength: Union[None, float, torch.Tensor] = None,
+        rows: Optional[Tuple[int, int]] = None,
     ) -> torch.Tensor:
-        """The shift m (strength None), or the steered ``x + strength * m`` (strength a float or one per item)."""
+        """The shift m (strength None), or the steered ``x + strength * m`` (strength a float or one per item);
+        of every particle, or of the particles ``rows`` (start, stop) of every item against all N."""
         grouped, regions = self._grouped(x, num_particles)
         patch_sets = [region.patches(grouped) for region in regions]
-        sq = [region.sq_dists(p) for region, p in zip(regions, patch_sets)]
-        inv = self._inv_two_h2(regions, sq, num_particles)
+        if rows is None:
+            sq = [region.sq_dists(p) for region, p in zip(regions, patch_sets)]
+            inv = self._inv_two_h2(regions, sq, num_particles)
+            queries, target = patch_sets, grouped
+        else:
+            sq, inv = self._row_maps(regions, patch_sets, num_particles, rows)
+            queries = [region.query_patches(p, *rows) for region, p in zip(regions, patch_sets)]
+            target = grouped[:, rows[0] : rows[1]]
         if strength is not None:
             strength = torch.as_tensor(strength, dtype=x.dtype, device=x.device).expand(grouped.shape[0])
 
-        out = torch.empty_like(grouped)
+        out = torch.empty(target.shape, dtype=x.dtype, device=x.device)
         inv_z_sum = grouped.new_zeros(())
         count = 0
-        for region, patches, d in zip(regions, patch_sets, sq):
+        for region, patches, query, d in zip(regions, patch_sets, queries, sq):
             weights = _kernel(d, inv)
-            z = weights.sum(dim=region.k_dim, keepdim=True)  # >= 1 (w_ii = 1): no 0/0 for far-apart particles
+            z = region.key_sums(weights, rows is not None)  # >= 1 (w_ii = 1): no 0/0 for far-apart particles
             # w_ii / z = 1 / z: the self-weight diagnostic comes for free.
             inv_z_sum = inv_z_sum + z.reciprocal().sum()
             count += z.numel()
-            shift = region.weighted_sum(weights, patches).div_(z).sub_(patches)
-            region.unpatch(shift, out, grouped, strength)
+            shift = region.weighted_sum(weights, patches).div_(z).sub_(query)
+            region.unpatch(shift, out, target, strength)
         self._self_weight = (inv_z_sum / count).detach()
-        return out.reshape(x.shape)
+        return out.reshape((-1,) + tuple(x.shape[1:]))
+
+
+def _check_particle_range(particle_range: object, num_particles: int) -> Optional[Tuple[int, int]]:
+    """None, or (start, stop) with 0 <= start < stop <= N."""
+    if particle_range is None:
+        return None
+    if not isinstance(particle_range, (tuple, list)) or len(particle_range) != 2:
+        raise TypeError(f"particle_range must be a pair (start, stop), got {particle_range!r}")
+    start, stop = particle_range
+    for value in (start, stop):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise TypeError(f"particle_range must hold two ints, got {particle_range!r}")
+    if not 0 <= start < stop <= num_particles:
+        raise ValueError(
+            f"particle_range {tuple(particle_range)} must satisfy 0 <= start < stop <= num_particles={num_particles}"
+        )
+    return int(start), int(stop)
+
+
+def _particle_rows(x: torch.Tensor, num_particles: int, rows: Tuple[int, int]) -> torch.Tensor:
+    """The rows of particles start..stop-1 of every item of a (B*N, ...) batch, (B*(stop-start), ...)."""
+    grouped = x.reshape(-1, num_particles, *x.shape[1:])
+    return grouped[:, rows[0] : rows[1]].reshape((-1,) + tuple(x.shape[1:]))
 
 
 def _kernel(sq_dists: torch.Tensor, inv_two_h2: torch.Tensor) -> torch.Tensor:

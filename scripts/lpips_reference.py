@@ -67,7 +67,8 @@ def reference_pairs() -> List[Tuple[str, np.ndarray, np.ndarray]]:
             "pure noise": noise,
         }
         for name, image in variants.items():
-            pairs.append((f"{height}x{width} {name}", base.astype(np.float32), np.clip(image, -1, 1).astype(np.float32)))
+            second = np.clip(image, -1, 1).astype(np.float32)
+            pairs.append((f"{height}x{width} {name}", base.astype(np.float32), second))
     return pairs
 
 

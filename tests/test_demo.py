@@ -116,8 +116,10 @@ def test_quick_demo_through_the_cli(tmp_path, capsys):
         torch.set_num_threads(1)
     for name in OUTPUT_FILES:
         assert (out / name).stat().st_size > 0, name
-    with open(out / "figure2.png", "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    for figure in ("figure2.png", "restoration.png"):
+        with open(out / figure, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", figure
+    assert "![KDS minus plain sampling, paired](restoration.png)" in (out / "restoration.md").read_text()
     restoration = (out / "restoration.md").read_text()
     for row in ("| plain |", "| KDS h=0.3 |", "| KDS auto |", "*posterior mean (MMSE)*", "*posterior mode*", "KDS h=0.3 - plain"):
         assert row in restoration, row
@@ -128,6 +130,11 @@ def test_quick_demo_through_the_cli(tmp_path, capsys):
     assert (out / "README.md").read_text().startswith("# kds-hook demo\n\nRegenerate with `kds-hook demo --quick`")
     printed = capsys.readouterr().out
     assert "part 2 (restoration" in printed and "| plain |" in printed  # progress and tables on stdout
+    # It ends by listing every file it wrote, each with what it holds.
+    listing = printed.rstrip("\n").split("\n")[-len(OUTPUT_FILES) - 2:]
+    assert listing[0].endswith(f"done: wrote {len(OUTPUT_FILES) + 1} files into {out}")
+    assert [line.split()[0] for line in listing[1:]] == list(OUTPUT_FILES) + [".kds-hook-demo"]
+    assert all(len(line.split()) > 2 for line in listing[1:])
     # Its own, unchanged outputs are replaced on a second run.
     assert main(["demo", "--out", str(out), "--quick"]) == 0
 
@@ -188,3 +195,49 @@ def test_demo_writes_nothing_when_it_fails(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="boom"):
         main(["demo", "--out", str(out), "--quick"])
     assert os.listdir(out) == []
+
+
+def test_each_figure_reads_on_its_own(monkeypatch):
+    """Axis labels, a legend for every mark, and a caption that says what the gate and the points mean."""
+    import io
+
+    import matplotlib.figure
+
+    from kds_hook.demo.restoration import plot_restoration
+    from kds_hook.demo.toy import plot_toy
+
+    saved = []
+    real_savefig = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        saved.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    toy = run_toy({"KDS h=0.3": {"bandwidth": 0.3}, "KDS h=0.3, no gate": {"bandwidth": 0.3, "threshold": 0.0}},
+                  num_seeds=2, num_particles=4, num_steps=4)
+    plot_toy(toy, ["KDS h=0.3", "KDS h=0.3, no gate"], io.BytesIO(), num_steps=4)
+    restoration = run_restoration({"KDS h=0.3": {"bandwidth": 0.3}}, num_images=2, size=2, num_particles=3,
+                                  num_steps=4)
+    plot_restoration(restoration, io.BytesIO(), num_steps=4, size=2)
+    figure2, figure_restoration = saved
+
+    axes = figure2.axes
+    assert [ax.get_xlabel() for ax in axes] == ["$x_1$"] * 3 and axes[0].get_ylabel() == "$x_2$"
+    titles = [ax.get_title() for ax in axes]
+    assert titles[0].startswith("plain DDIM") and "steered while t/T ≥ 0.3" in titles[1]
+    assert "no gate: steered at every step" in titles[2]
+    legend = [text.get_text() for text in figure2.legends[0].get_texts()]
+    assert legend == ["final sample, plain DDIM", "final sample, DDIM + KDS", "mode centre (component mean)",
+                      "true density (contour lines)"]
+    caption = " ".join(text.get_text() for text in figure2.texts).replace("\n", " ")
+    assert "DDIM (4 steps" in caption and "2 ensembles of N = 4" in caption and '"no gate" steers' in caption
+
+    gain, density = figure_restoration.axes
+    assert gain.get_ylabel() == "PSNR, KDS minus plain (dB)" and density.get_ylabel().startswith("log-density")
+    assert all("no gate" in ax.get_xlabel() for ax in (gain, density))
+    assert [t.get_text() for t in gain.get_legend().get_texts()] == [
+        "a random particle", "the worst of the N particles", "the output (particle closest to the mean)"
+    ]
+    caption = " ".join(text.get_text() for text in figure_restoration.texts).replace("\n", " ")
+    assert "above 0 = KDS better" in caption and "N = 3 particles" in caption

@@ -8,7 +8,6 @@ inputs never mix.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 import numpy as np
@@ -18,6 +17,9 @@ import torch
 
 pytest.importorskip("diffusers")
 pytest.importorskip("transformers")
+
+# Tiny models: extra threads only spin (and on a shared machine make these tests several times slower).
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 from kds_hook import KDS  # noqa: E402
 from kds_hook.diffusers import apply_patch, remove_patch  # noqa: E402
@@ -30,15 +32,19 @@ from diffusers.pipelines.latent_diffusion.pipeline_latent_diffusion_superresolut
 )
 from kds_hook.testing import LDM_SR_SCHEDULERS, reload_pipeline, tiny_ldm_sr_pipeline, tiny_sd_pipeline  # noqa: E402
 
+from pipeline_checks import (  # noqa: E402
+    assert_equal_to_rounding,
+    assert_pristine,
+    denoiser_batch_sizes,
+    final_latents,
+    seeded,
+)
+
 N = 3
 STEPS = 3
 # Random tiny models give x0 particles far apart in units of a 0.3 bandwidth, where the kernel weights vanish;
 # the median-heuristic bandwidth keeps the steering visible.
 STRONG = dict(num_particles=N, bandwidth="auto", strength=0.5)
-
-
-def seeded(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def low_res(items: int = 2, seed: int = 1) -> torch.Tensor:
@@ -54,43 +60,6 @@ def sd_inputs(kind: str, prompts=("a red cat", "a blue dog"), seed: int = 2) -> 
         mask[..., 8:24, 8:24] = 1.0
         kwargs["mask_image"] = mask
     return kwargs
-
-
-def assert_pristine(pipe, vae_name: str) -> None:
-    """No instance attribute of ours is left on the pipeline's components."""
-    assert patched_kds(pipe) is None
-    assert not {"step", "convert_model_output"} & set(vars(pipe.scheduler))
-    assert "decode" not in vars(getattr(pipe, vae_name))
-    assert "forward" not in vars(pipe.unet)
-
-
-def assert_equal_to_rounding(actual: torch.Tensor, expected: torch.Tensor, leaked: torch.Tensor) -> None:
-    """``actual`` equals ``expected`` up to float32 rounding, and ``leaked`` (what a real mix-up of particles gives)
-    lies far outside that tolerance, so the check can fail.
-
-    Runs whose UNet or decoder batch differs are not literally the same computation: CPU math libraries choose
-    kernels and summation orders by batch size, thread count and processor. float32 rounding (eps 1.2e-7)
-    amplified over a few steps of a random network stays far below 1e-4 of the values' magnitude.
-    """
-    atol = 1e-4 * float(expected.abs().max())
-    torch.testing.assert_close(actual, expected, rtol=0.0, atol=atol)
-    assert float((leaked - expected).abs().max()) > 100 * atol
-
-
-def one_ensemble_latents(pipe, vae_name: str, kds: KDS, **call_kwargs) -> torch.Tensor:
-    """The final latents of a plain pipeline call on a batch already expanded by hand, steered by ``kds`` as one
-    ensemble of ``kds.num_particles`` rows: with ``num_particles`` = every row, what a leak across inputs gives."""
-    seen = []
-    vae = getattr(pipe, vae_name)
-    decode = vae.decode
-    vae.decode = lambda z, *args, **kwargs: (seen.append(z), decode(z, *args, **kwargs))[1]
-    apply_patch(pipe, kds)
-    try:
-        pipe(**call_kwargs)
-    finally:
-        remove_patch(pipe)
-        del vae.decode
-    return seen[-1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -116,10 +85,10 @@ def test_ldm_sr_freeu_pattern(scheduler):
 
     common = dict(image=image, num_inference_steps=STEPS, output_type="pt", return_particles=True)
     off = run(pipe, KDS(**{**STRONG, "strength": 0.0}), generator=seeded(), **common)
-    assert_pristine(pipe, "vqvae")
+    assert_pristine(pipe)
     assert torch.equal(off.particle_images, plain)
     steered = run(pipe, KDS(**STRONG), generator=seeded(), **common)
-    assert_pristine(pipe, "vqvae")
+    assert_pristine(pipe)
     assert (steered.particle_images - plain).abs().max() > 1e-3
 
     assert steered.images.shape == (2, 3, 32, 32)  # 4x the 8x8 input
@@ -179,8 +148,8 @@ def test_ldm_sr_pil_inputs_and_reloaded_pipeline(tmp_path):
     # Input 1 did not leak into input 0's ensemble: a UNet batch of N or 2N rows rounds differently on CPU, so the
     # particles agree to rounding, while one ensemble of all 2N particles (the same noise) is far from them.
     rows = torch.cat([LDMSuperResolutionPreprocess(im) for im in pil]).repeat_interleave(N, dim=0)
-    leaked = one_ensemble_latents(
-        pipe, "vqvae", KDS(**dict(STRONG, num_particles=2 * N)), image=rows, num_inference_steps=2, generator=seeded()
+    leaked = final_latents(
+        pipe, KDS(**dict(STRONG, num_particles=2 * N)), image=rows, num_inference_steps=2, generator=seeded()
     )
     assert_equal_to_rounding(single.particles[0], out.particles[0], leaked[:N])
 
@@ -203,30 +172,19 @@ def test_ldm_sr_inputs_never_mix():
     assert not torch.equal(first.particles[1], second.particles[1])
 
 
-@contextlib.contextmanager
-def unet_batch_sizes(pipe):
-    """The batch size of every UNet call made inside the block."""
-    seen = []
-    hook = pipe.unet.conv_in.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
-    try:
-        yield seen
-    finally:
-        hook.remove()
-
-
 def test_ldm_sr_chunked_equals_unchunked():
     pipe = ldm_sr("ddim")
-    with unet_batch_sizes(pipe) as seen:
+    with denoiser_batch_sizes(pipe) as seen:
         kwargs = dict(image=low_res(), num_inference_steps=STEPS, output_type="pt", return_particles=True)
         whole = run(pipe, KDS(**STRONG), generator=seeded(), **kwargs)
         assert set(seen) == {2 * N}
         seen.clear()
         chunked = run(pipe, KDS(**STRONG), generator=seeded(), max_batch_size=4, **kwargs)
         assert seen == [4, 2] * STEPS
-    assert_pristine(pipe, "vqvae")
+    assert_pristine(pipe)
     # UNet batches of 4 and 2 rows round differently from one of 6: equal to rounding, and far from a leak.
-    leaked = one_ensemble_latents(
-        pipe, "vqvae", KDS(**dict(STRONG, num_particles=2 * N)), image=low_res().repeat_interleave(N, dim=0),
+    leaked = final_latents(
+        pipe, KDS(**dict(STRONG, num_particles=2 * N)), image=low_res().repeat_interleave(N, dim=0),
         num_inference_steps=STEPS, generator=seeded(),
     )
     assert_equal_to_rounding(chunked.particles.flatten(0, 1), whole.particles.flatten(0, 1), leaked)
@@ -283,7 +241,7 @@ def test_sd_cfg_steers_the_guided_prediction(kind, scheduler):
     finally:
         delattr(sched, method)
         hook.remove()
-    assert_pristine(pipe, "vae")
+    assert_pristine(pipe)
     assert len(out.images) == 2 and out.images[0].size == (32, 32)
 
     assert len(seen) == len(unet_out) >= 2  # img2img runs strength x STEPS steps
@@ -345,20 +303,20 @@ def test_sd_inputs_never_mix_and_broadcast():
 
 def test_sd_chunked_equals_unchunked_with_cfg():
     pipe = sd("text2img")
-    with unet_batch_sizes(pipe) as seen:
+    with denoiser_batch_sizes(pipe) as seen:
         kwargs = dict(sd_inputs("text2img"), output_type="np", return_particles=True)
         whole = run(pipe, KDS(**STRONG), generator=seeded(), **kwargs)
         assert set(seen) == {2 * 2 * N}  # CFG doubles the B*N batch
         seen.clear()
         chunked = run(pipe, KDS(**STRONG), generator=seeded(), max_batch_size=5, **kwargs)
         assert seen == [5, 5, 2] * STEPS
-    assert_pristine(pipe, "vae")
+    assert_pristine(pipe)
     # UNet batches of 5, 5 and 2 rows round differently from one of 12: equal to rounding, and far from a leak.
     inputs = sd_inputs("text2img")
     inputs["prompt"] = [p for p in inputs["prompt"] for _ in range(N)]
-    leaked = one_ensemble_latents(
-        pipe, "vae", KDS(**dict(STRONG, num_particles=2 * N)), generator=seeded(), output_type="np", **inputs
-    ) * pipe.vae.config.scaling_factor  # run() reports latents in the scheduler's space; decode sees them unscaled
+    leaked = final_latents(  # in the scheduler's space, as run() reports latents
+        pipe, KDS(**dict(STRONG, num_particles=2 * N)), generator=seeded(), output_type="np", **inputs
+    )
     assert_equal_to_rounding(chunked.particles.flatten(0, 1), whole.particles.flatten(0, 1), leaked)
     np.testing.assert_allclose(chunked.particle_images, whole.particle_images, rtol=0.0, atol=1e-4)
 
@@ -398,7 +356,7 @@ def test_existing_patch_is_kept():
         assert patched_kds(pipe) is users
     finally:
         remove_patch(pipe)
-    assert_pristine(pipe, "vqvae")
+    assert_pristine(pipe)
 
 
 def test_apply_patch_alone_on_a_cfg_pipeline_freeu_pattern():
@@ -427,7 +385,7 @@ def test_apply_patch_alone_on_a_cfg_pipeline_freeu_pattern():
             call(num_images_per_prompt=2)  # 2 prompts x 2 images = 4 rows
     finally:
         remove_patch(pipe)
-    assert_pristine(pipe, "vae")
+    assert_pristine(pipe)
     assert torch.equal(call(), plain)
 
 
@@ -556,4 +514,4 @@ def test_errors():
     # An error inside the pipeline call (after patching) still restores everything.
     with pytest.raises(TypeError, match="not_an_argument"):
         run(pipe, KDS(num_particles=N), max_batch_size=2, not_an_argument=1, **kwargs)
-    assert_pristine(pipe, "vqvae")
+    assert_pristine(pipe)

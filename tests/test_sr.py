@@ -265,3 +265,26 @@ def test_api_page_lists_every_public_name():
     listed = set(re.findall(r"`([A-Za-z_][A-Za-z0-9_]*)`", "\n".join(
         line.split("|")[1] for line in section.splitlines() if line.startswith("| `"))))
     assert set(kds_hook.sr.__all__) <= listed, sorted(set(kds_hook.sr.__all__) - listed)
+
+
+def test_run_selects_and_decodes_like_the_plain_pipeline(pipe):
+    from kds_hook.diffusers import run
+
+    n, image = 3, low_res(2, 3, 5)
+    call = dict(image=image, num_inference_steps=3)
+    plain = pipe(image.repeat_interleave(n, dim=0), num_inference_steps=3, generator=seeded(4),
+                 output_type="latent").images
+    off = run(pipe, KDS(num_particles=n, strength=0.0), output_type="pt", generator=seeded(4), **call)
+    torch.testing.assert_close(off.latents, plain.reshape(2, n, *plain.shape[1:])[torch.arange(2), off.index])
+    expected = (pipe.decoder.decode(off.latents[..., :12, :20], pipe.upsample(image)) + 1) / 2  # pointwise
+    assert torch.equal(off.images, expected)
+    assert torch.equal(off.index, KDS(num_particles=n).select(plain).index)
+    one = run(pipe, KDS(num_particles=1), output_type="pt", generator=seeded(4), **call)
+    alone = pipe(image, num_inference_steps=3, generator=seeded(4), output_type="pt").images
+    assert torch.equal(one.images, alone)
+    steered = run(pipe, KDS(num_particles=n, bandwidth="auto", strength=0.5), output_type="pt",
+                  return_particles=True, max_batch_size=2, generator=seeded(4), **call)
+    assert steered.particles.shape == (2, n, 3, 16, 24) and steered.particle_images.shape == (2, n, 3, 12, 20)
+    assert (steered.latents - off.latents).abs().max() > 1e-3
+    pil = run(pipe, KDS(num_particles=n), image=PIL.Image.new("RGB", (3, 2)), num_inference_steps=2)
+    assert pil.images[0].size == (12, 8)

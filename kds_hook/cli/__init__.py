@@ -26,7 +26,7 @@ from .parser import Parser
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 # The modules (relative to this package) whose register(commands) adds a sub-command, in the order --help lists.
-COMMANDS = (".demo", ".upscale", ".inpaint")
+COMMANDS = (".demo", ".upscale", ".inpaint", ".comfyui_install")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,7 +7,7 @@ import argparse
 import math
 from pathlib import Path
 
-from . import models, options, outputs, sampling
+from . import distributed, models, options, outputs, sampling
 from .errors import CommandError, reporting_errors
 from .extras import require
 from .images import Input, join_channels, pad_to_multiple, read_input, read_mask
@@ -62,6 +62,7 @@ def inpaint_command(args: argparse.Namespace) -> int:
     )
     model_sources = models.model_sources(args.model, PIPELINES)
     device, dtype = options.device_and_dtype(args.device, args.dtype)
+    kds, device = distributed.spread(args, kds, device)  # under torchrun: this rank's GPU and share of particles
 
     with models.quiet_transformers():
         from diffusers import StableDiffusionInpaintPipeline

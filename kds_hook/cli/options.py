@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import math
 import re
+from typing import Optional
 
 from .errors import CommandError
 
@@ -15,10 +16,16 @@ DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
-def add_common_options(parser: argparse.ArgumentParser) -> None:
-    """Adds the option groups "KDS", "sampling" and "files" to a restoring command's parser."""
+def add_common_options(
+    parser: argparse.ArgumentParser, particles_help: Optional[str] = None, steps_help: Optional[str] = None
+) -> None:
+    """Adds the option groups "KDS", "sampling" and "files" to a restoring command's parser.
+
+    ``particles_help`` / ``steps_help``: for a command whose defaults depend on the model; the option then
+    defaults to None, which the command resolves, and its help says how."""
     kds = parser.add_argument_group("KDS")
-    kds.add_argument("--particles", type=int, metavar="N", default=10, help="N, particles per image (default 10)")
+    kds.add_argument("--particles", type=int, metavar="N", default=None if particles_help else 10,
+                     help=particles_help or "N, particles per image (default 10)")
     kds.add_argument(
         "--bandwidth", type=_bandwidth, metavar="H", default=0.3, help='kernel bandwidth h, or "auto" (default 0.3)'
     )
@@ -35,7 +42,8 @@ def add_common_options(parser: argparse.ArgumentParser) -> None:
         help="same seed and particles without steering (strength 0); the output is chosen the same way",
     )
     sampling = parser.add_argument_group("sampling")
-    sampling.add_argument("--steps", type=int, metavar="S", default=50, help="sampler steps (default 50)")
+    sampling.add_argument("--steps", type=int, metavar="S", default=None if steps_help else 50,
+                          help=steps_help or "sampler steps (default 50)")
     sampling.add_argument("--sampler", choices=SAMPLERS, default="ddim", help="ddim, dpmpp (DPM-Solver++) or euler")
     sampling.add_argument(
         "--eta", type=float, metavar="E", default=0.0, help="DDIM eta, the same with and without KDS (default 0)"
@@ -64,8 +72,8 @@ def _bandwidth(text: str):
 _bandwidth.__name__ = "bandwidth"  # argparse names the type in its message: "invalid bandwidth value"
 
 
-def build_kds(args: argparse.Namespace):
-    """The KDS the run uses, after checking every numeric option."""
+def build_kds(args: argparse.Namespace, process_group=None):
+    """The KDS the run uses, after checking every numeric option (over ``process_group`` under torchrun)."""
     from .. import KDS
 
     for name in ("steps", "max_batch_size"):
@@ -83,12 +91,13 @@ def build_kds(args: argparse.Namespace):
     try:
         kds = KDS(
             num_particles=args.particles, patch_size=args.patch_size, bandwidth=args.bandwidth,
-            strength=args.strength, threshold=args.threshold,
+            strength=args.strength, threshold=args.threshold, process_group=process_group,
         )
     except (TypeError, ValueError) as error:
         raise CommandError(f"invalid KDS setting: {_with_flag_names(str(error))}") from None
     if args.no_kds:  # validated the user's strength above; the comparison run uses the same KDS at strength 0
-        kds = KDS(num_particles=args.particles, patch_size=args.patch_size, bandwidth=args.bandwidth, strength=0.0)
+        kds = KDS(num_particles=args.particles, patch_size=args.patch_size, bandwidth=args.bandwidth, strength=0.0,
+                  process_group=process_group)
     return kds
 
 

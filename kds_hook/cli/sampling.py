@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Callable, List, Sequence, Tuple
 
+from . import distributed
 from .errors import EXIT_RUN_FAILED, CommandError, first_line
 from .images import Input
 from .outputs import Output, save
@@ -67,6 +68,9 @@ def run_pipeline(pipe, kds, args: argparse.Namespace, device: str, **call_kwargs
     # LDMSuperResolutionPipeline passes eta but not the generator to DDIM's step: with --eta > 0 its noise comes
     # from the global RNG, which must be seeded too for --no-kds and KDS runs to stay paired.
     torch.manual_seed(args.seed)
+    if distributed.under_torchrun():  # each rank its own particles' noise: the same for any number of ranks
+        generator = distributed.rank_generators(args.seed, kds)
+        torch.manual_seed(distributed.rank_seed(args.seed, kds))
     try:
         return run(
             pipe, kds, max_batch_size=args.max_batch_size, return_particles=args.save_particles,
@@ -83,12 +87,15 @@ def restore_all(pipe, sources: Sequence[Path], inputs: List[Input], outputs: Lis
     if args.seed is None:
         args.seed = int.from_bytes(os.urandom(4), "little")
     label = "plain (no KDS)" if args.no_kds else "KDS"
-    with Progress(len(inputs)) as progress:
+    writer = distributed.writes_files(kds)  # under torchrun rank 0 alone writes and prints
+    with distributed.quiet_unless(writer) as stream, Progress(len(inputs), stream) as progress:
         progress.attach(pipe)
         for number, (source, item, output) in enumerate(zip(sources, inputs, outputs), start=1):
             progress.start(number, source)
             started = time.perf_counter()
             images, index, flagged = restore(item)
+            if not writer:
+                continue
             save(images[0], output, output.path, args.overwrite)
             for path, particle in zip(output.particles, images[1:]):
                 save(particle, output, path, args.overwrite)

@@ -4,10 +4,10 @@ Part 1 is the paper's Figure 2 (three 2-D Gaussians, exact score, N = 50); part 
 an exact posterior (:mod:`kds_hook.demo.posterior`); part 3 upscales a held-out photo with the built-in model
 (:mod:`kds_hook.demo.photo`; skipped with a message when the model is missing). Each compares plain DDIM and
 DDIM + KDS from the same initial noise and reports paired differences. Outputs in ``--out`` (default
-``./kds-demo``): ``figure2.png``, ``figure2.md``, ``restoration.md``, ``photo.png``, ``photo.md`` and
-``README.md`` (all tables), and a marker ``.kds-hook-demo`` that records
-what was written. No other file is touched, and a same-named file is replaced only if the marker shows it is
-unchanged since the demo wrote it (or with ``--force``).
+``./kds-demo``): ``figure2.png``, ``figure2.md``, ``restoration.png``, ``restoration.md``, ``photo.png``,
+``photo.md`` and ``README.md`` (all parts), and a marker ``.kds-hook-demo`` that records what was written; the
+demo ends by listing them. No other file is touched, and a same-named file is replaced only if the marker shows
+it is unchanged since the demo wrote it (or with ``--force``).
 """
 
 from __future__ import annotations
@@ -22,7 +22,17 @@ from typing import Callable, Dict, Optional
 
 __all__ = ["register", "run_demo", "OUTPUT_FILES"]
 
-OUTPUT_FILES = ("figure2.png", "figure2.md", "restoration.md", "README.md", "photo.png", "photo.md")
+OUTPUT_FILES = ("figure2.png", "figure2.md", "restoration.png", "restoration.md", "README.md", "photo.png", "photo.md")
+# What each output holds, for the list the demo prints when it is done.
+OUTPUT_DESCRIPTIONS = {
+    "figure2.png": "part 1 figure: plain DDIM and DDIM + KDS on three Gaussians",
+    "figure2.md": "part 1 tables",
+    "restoration.png": "part 2 figure: KDS minus plain sampling on the exact-posterior problem",
+    "restoration.md": "part 2 tables",
+    "README.md": "every part's tables and figures",
+    "photo.png": "part 3 figure: LR, bicubic, plain, KDS and ground truth crops of a held-out photo",
+    "photo.md": "part 3 tables",
+}
 # Written into the output folder last: the SHA-256 of every file the demo wrote. A file whose content still has
 # its recorded hash is ours and may be replaced; anything else (a user's file, or ours edited since) is not.
 _MARKER = ".kds-hook-demo"
@@ -56,8 +66,8 @@ def register(commands) -> None:
             "score, N=50) and a restoration problem with an exact posterior, each comparing plain DDIM with DDIM + "
             "KDS from the same noise (paired, over seeds); then 4x super-resolution of a held-out photo with the "
             "built-in model, plain and KDS from the same noise. Prints progress and tables; writes figure2.png, "
-            "figure2.md, restoration.md, photo.png, photo.md, README.md and a marker .kds-hook-demo into --out. "
-            "A same-named file is "
+            "figure2.md, restoration.png, restoration.md, photo.png, photo.md, README.md and a marker "
+            ".kds-hook-demo into --out. A same-named file is "
             "replaced only if the marker shows the demo wrote it and it is unchanged since (or with --force); "
             "nothing else is touched."
         ),
@@ -161,7 +171,7 @@ def run_demo(
 
 
 def _run(out: str, quick: bool, log: Callable[[str], None]) -> Dict[str, str]:
-    from .restoration import restoration_tables, run_restoration
+    from .restoration import plot_restoration, restoration_tables, run_restoration
     from .toy import plot_toy, run_toy, toy_tables
 
     start = time.perf_counter()
@@ -182,7 +192,7 @@ def _run(out: str, quick: bool, log: Callable[[str], None]) -> Dict[str, str]:
     )
     progress("part 1: plotting figure2.png")
     figure = io.BytesIO()  # files are written together at the end, so a failed run leaves the folder as it was
-    plot_toy(toy, ["KDS h=0.3", "KDS h=0.3, no gate"], figure)
+    plot_toy(toy, ["KDS h=0.3", "KDS h=0.3, no gate"], figure, num_steps=sizes["steps"])
     toy_md = (
         "## Part 1: the paper's Figure 2 (three 2-D Gaussians, exact score, DDIM "
         f"{sizes['steps']} steps, eta=0, delta=0.3 while t/T >= 0.3)\n\n" + toy_tables(toy) + note
@@ -193,11 +203,15 @@ def _run(out: str, quick: bool, log: Callable[[str], None]) -> Dict[str, str]:
         num_particles=sizes["particles"], num_steps=sizes["steps"], progress=progress,
     )
     size = sizes["size"]
+    progress("part 2: plotting restoration.png")
+    restoration_figure = io.BytesIO()
+    plot_restoration(restoration, restoration_figure, num_steps=sizes["steps"], size=size)
     restoration_md = (
         f"## Part 2: restoration with an exact posterior (4 x {size} x {size} latents, per-pixel 3-component "
         "prior, y = A x0 + 0.1 n with A averaging channel pairs; DDIM "
         f"{sizes['steps']} steps, patch size 1, delta=0.3 while t/T >= 0.3)\n\n"
-        + restoration_tables(restoration) + note + "\n"
+        + restoration_tables(restoration) + note
+        + "\n\n![KDS minus plain sampling, paired](restoration.png)\n"
     )
     from .photo import run_photo_part  # part 3: a held-out photo and the built-in model (skipped without them)
 
@@ -210,6 +224,7 @@ def _run(out: str, quick: bool, log: Callable[[str], None]) -> Dict[str, str]:
     contents = {
         "figure2.png": figure.getvalue(),
         "figure2.md": toy_md.encode(),
+        "restoration.png": restoration_figure.getvalue(),
         "restoration.md": restoration_md.encode(),
         "README.md": readme.encode(),
     }
@@ -221,7 +236,11 @@ def _run(out: str, quick: bool, log: Callable[[str], None]) -> Dict[str, str]:
             f.write(data)
     _write_marker(out, paths)
     log("\n" + toy_md + "\n" + restoration_md + ("\n" + photo_md if photo else ""))
-    progress(f"done: outputs in {os.path.abspath(out)}")
+    progress(f"done: wrote {len(paths) + 1} files into {os.path.abspath(out)}")
+    width = max(len(name) for name in [*paths, _MARKER])
+    for name in paths:
+        log(f"  {name:<{width}}  {OUTPUT_DESCRIPTIONS[name]}")
+    log(f"  {_MARKER:<{width}}  what the demo wrote, so that a rerun replaces exactly these files")
     return paths
 
 

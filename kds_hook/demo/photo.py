@@ -240,7 +240,8 @@ def run_photo_part(
         f"Mean ± SE over {units} crop-seed pairs (only {units}: a demonstration; the evidence is the benchmark in "
         "docs/real-photos.md, which also shows that on PSNR and LPIPS the gain is what shrinking the plain output "
         f"toward its own ensemble mean by the same amount gives).{lpips_note}\n\n"
-        + markdown_table(headers, rows) + "\n\nPaired (same crop, same noise):\n\n" + markdown_table(["difference"] + headers[1:], paired)
+        + markdown_table(headers, rows) + "\n\nPaired (same crop, same noise):\n\n"
+        + markdown_table(["difference"] + headers[1:], paired)
         + note + "\n\n![LR, bicubic, plain, KDS, ground truth](photo.png)\n"
     )
     png = io.BytesIO()

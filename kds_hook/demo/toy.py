@@ -12,7 +12,7 @@ from typing import IO, Callable, Dict, List, Optional, Sequence, Union
 import torch
 
 from ..analytic import GaussianMixture, three_gaussians
-from .report import fmt_mean_se, markdown_table
+from .report import add_caption, fmt_mean_se, markdown_table
 from .sampler import ddpm_alphas_cumprod, paired_runs, x0_predictor_from_denoiser
 
 __all__ = ["ToyResult", "toy_metrics", "run_toy", "toy_tables", "plot_toy"]
@@ -110,13 +110,17 @@ def toy_tables(result: ToyResult) -> str:
     )
 
 
-def plot_toy(result: ToyResult, kds_names: Sequence[str], path: Union[str, IO[bytes]]) -> None:
+def plot_toy(
+    result: ToyResult, kds_names: Sequence[str], path: Union[str, IO[bytes]], *, num_steps: Optional[int] = None
+) -> None:
     """Scatter panels of plain DDIM and of each run in ``kds_names``, all from the same noise, saved as PNG
-    to ``path`` (a file name or a binary file object)."""
+    to ``path`` (a file name or a binary file object). The figure reads on its own: axis labels, a legend for
+    every mark, panel titles that say what the gate does, and a caption (``num_steps`` goes into it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     mixture = three_gaussians()
     gx, gy = torch.meshgrid(
@@ -126,24 +130,46 @@ def plot_toy(result: ToyResult, kds_names: Sequence[str], path: Union[str, IO[by
     )
     density = mixture.log_prob(torch.stack([gx.reshape(-1), gy.reshape(-1)], 1)).exp().reshape(gx.shape)
     names = ["plain"] + list(kds_names)
-    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.4), sharex=True, sharey=True)
+    colours = {"plain": "tab:purple", "kds": "tab:green"}
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 5.6), sharex=True, sharey=True)
     for ax, name in zip(axes, names):
         ax.contour(gx.numpy(), gy.numpy(), density.numpy(), levels=6, colors="0.75", linewidths=0.7)
         x = result.samples[name].numpy()
-        colour = "tab:purple" if name == "plain" else "tab:green"
-        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.35, color=colour, linewidths=0)
+        ax.scatter(x[:, 0], x[:, 1], s=2, alpha=0.35, linewidths=0,
+                   color=colours["plain" if name == "plain" else "kds"])
         ax.scatter(mixture.means[:, 0], mixture.means[:, 1], marker="x", color="black", s=40)
-        title = "DDIM (exact score)" if name == "plain" else f"DDIM + {name}"
-        if name != "plain" and "no gate" not in name:
-            title += " (t/T >= 0.3)"
         dist = float(result.metrics[name]["distance"].mean())
-        ax.set_title(f"{title}\nmean distance to nearest mode {dist:.3f}", fontsize=10)
+        ax.set_title(f"{_panel_title(name)}\nmean distance to nearest mode {dist:.3f}", fontsize=10)
+        ax.set_xlabel("$x_1$")
         ax.set_aspect("equal")
-    fig.suptitle(
-        f"Three Gaussians, {result.samples['plain'].shape[0] // result.num_particles} ensembles of "
-        f"N = {result.num_particles}, same initial noise in every panel",
-        fontsize=10,
+    axes[0].set_ylabel("$x_2$")
+    legend = [
+        Line2D([], [], marker="o", linestyle="", color=colours["plain"], label="final sample, plain DDIM"),
+        Line2D([], [], marker="o", linestyle="", color=colours["kds"], label="final sample, DDIM + KDS"),
+        Line2D([], [], marker="x", linestyle="", color="black", label="mode centre (component mean)"),
+        Line2D([], [], color="0.75", label="true density (contour lines)"),
+    ]
+    fig.legend(handles=legend, loc="upper center", ncol=4, fontsize=9, frameon=False, bbox_to_anchor=(0.5, 0.995))
+    ensembles = result.samples["plain"].shape[0] // result.num_particles
+    steps = f"{num_steps} " if num_steps else ""
+    weights = " / ".join(f"{float(w):.1f}" for w in mixture.weights)
+    caption = (
+        f"Three 2-D Gaussians (weights {weights}) sampled with their exact score by DDIM ({steps}steps, eta 0): "
+        f"{ensembles} ensembles of N = {result.num_particles} particles, the same initial noise in every panel. "
+        "KDS moves each particle toward the densest region of its own ensemble. t/T is the diffusion time as a "
+        "fraction of the training steps (1 = pure noise): the paper steers (delta = 0.3) only while t/T\u00a0\u2265\u00a00.3; "
+        '"no gate" steers at every step. Lower distance to the nearest mode = tighter modes.'
     )
-    fig.tight_layout()
+    add_caption(fig, caption)
     fig.savefig(path, dpi=100, format="png")
     plt.close(fig)
+
+
+def _panel_title(name: str) -> str:
+    """'KDS h=0.3' -> 'DDIM + KDS, h = 0.3, steered while t/T ≥ 0.3'; 'plain' -> 'plain DDIM (no KDS)'."""
+    if name == "plain":
+        return "plain DDIM (no KDS)"
+    setting = name.replace("KDS ", "", 1).replace(", no gate", "").replace("h=", "h = ")
+    setting = "h auto" if setting == "auto" else setting
+    gate = "no gate: steered at every step" if "no gate" in name else "steered while t/T \u2265 0.3"
+    return f"DDIM + KDS, {setting}, {gate}"

@@ -6,15 +6,26 @@ selects one per input in latent space and decodes only that one. Importing this 
 diffusers; the functions work on any object with the right methods.
 """
 
-from .patch import SUPPORTED_SCHEDULERS, apply_patch, patched_kds, remove_patch
+from .layouts import SPATIAL, VIDEO, Layout, PackedLayout, packed_2x2
+from .patch import apply_patch, patched_kds, patched_layout, remove_patch
 from .pipeline import SUPPORTED_PIPELINES, KDSPipelineOutput, run
+from .schedulers import SUPPORTED_SCHEDULERS, T_FRAC_RULES, UNSUPPORTED_SCHEDULERS, SchedulerSpec
 
 __all__ = [
     "KDSPipelineOutput",
+    "Layout",
+    "PackedLayout",
+    "SPATIAL",
     "SUPPORTED_PIPELINES",
     "SUPPORTED_SCHEDULERS",
+    "SchedulerSpec",
+    "T_FRAC_RULES",
+    "UNSUPPORTED_SCHEDULERS",
+    "VIDEO",
     "apply_patch",
+    "packed_2x2",
     "patched_kds",
+    "patched_layout",
     "remove_patch",
     "run",
 ]

@@ -85,9 +85,13 @@ class LPIPS(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if x.shape != y.shape or x.ndim != 4 or x.shape[1] != 3:
-            raise ValueError(f"LPIPS needs two batches (B, 3, H, W) of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}")
+            raise ValueError(
+                f"LPIPS needs two batches (B, 3, H, W) of equal shape, got {tuple(x.shape)} and {tuple(y.shape)}"
+            )
         if min(x.shape[-2:]) < MIN_SIDE:
-            raise ValueError(f"LPIPS (AlexNet) needs images of at least {MIN_SIDE}x{MIN_SIDE}, got {tuple(x.shape[-2:])}")
+            raise ValueError(
+                f"LPIPS (AlexNet) needs images of at least {MIN_SIDE}x{MIN_SIDE}, got {tuple(x.shape[-2:])}"
+            )
         total = x.new_zeros(x.shape[0])
         for fx, fy, head in zip(self.features(x), self.features(y), self.heads):
             total = total + head((_normalize(fx) - _normalize(fy)).square()).mean(dim=(1, 2, 3))
