@@ -73,3 +73,29 @@ def test_quick_part_three_with_the_builtin_model(one_torch_thread):
     assert "| KDS - plain |" in markdown and "Quick run" in markdown
     for row in ("| bicubic |", "| plain |", "| KDS |"):
         assert row in markdown
+
+
+def test_a_skipped_part_three_keeps_earlier_photo_files_replaceable(tmp_path, monkeypatch):
+    import hashlib
+    import json
+
+    import kds_hook.demo.photo as photo
+    from kds_hook.demo import _MARKER_HEADER, run_demo
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    # as an earlier run with part 3 would have left them
+    (out / "photo.md").write_text("earlier part 3\n")
+    (out / "photo.png").write_bytes(b"\x89PNG earlier")
+    record = {"written_by": _MARKER_HEADER,
+              "sha256": {n: hashlib.sha256((out / n).read_bytes()).hexdigest() for n in ("photo.md", "photo.png")}}
+    (out / ".kds-hook-demo").write_text(json.dumps(record))
+    monkeypatch.setattr(photo, "run_photo_part", lambda **kwargs: None)  # the built-in model missing
+    run_demo(str(out), quick=True, log=lambda message: None)
+    hashes = json.loads((out / ".kds-hook-demo").read_text())["sha256"]
+    assert {"photo.md", "photo.png", "figure2.png"} <= set(hashes)
+    run_demo(str(out), quick=True, log=lambda message: None)  # and again: still replaceable
+    (out / "photo.md").write_text("edited by the user\n")  # once changed, it is the user's
+    with pytest.raises(SystemExit, match="photo.md"):
+        run_demo(str(out), quick=True, log=lambda message: None)
+    assert (out / "photo.md").read_text() == "edited by the user\n"

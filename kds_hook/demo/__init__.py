@@ -231,10 +231,18 @@ def _run(out: str, quick: bool, log: Callable[[str], None]) -> Dict[str, str]:
     if photo:
         contents.update({"photo.md": photo_md.encode(), "photo.png": photo[1]})
     paths = {name: os.path.join(out, name) for name in OUTPUT_FILES if name in contents}
+    # An output this run did not write (part 3 skipped) but an earlier run did, unchanged since, stays recorded
+    # as the demo's, so that a later run may still replace it.
+    recorded = _recorded_hashes(out) or {}
+    kept = {
+        name: os.path.join(out, name) for name in OUTPUT_FILES
+        if name not in contents and os.path.isfile(os.path.join(out, name))
+        and recorded.get(name) == _sha256(os.path.join(out, name))
+    }
     for name, data in contents.items():
         with open(paths[name], "wb") as f:
             f.write(data)
-    _write_marker(out, paths)
+    _write_marker(out, {**paths, **kept})
     log("\n" + toy_md + "\n" + restoration_md + ("\n" + photo_md if photo else ""))
     progress(f"done: wrote {len(paths) + 1} files into {os.path.abspath(out)}")
     width = max(len(name) for name in [*paths, _MARKER])
