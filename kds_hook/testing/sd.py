@@ -24,6 +24,9 @@ from typing import Optional
 
 import torch
 
+from .text import tiny_clip_text_encoder
+from .vae import tiny_autoencoder_kl
+
 __all__ = [
     "LDM_SR_SCHEDULERS",
     "SD_KINDS",
@@ -31,6 +34,7 @@ __all__ = [
     "make_scheduler",
     "reload_pipeline",
     "save_and_load",
+    "sd_scheduler",
     "tiny_clip_tokenizer",
     "tiny_ldm_sr_pipeline",
     "tiny_sd_pipeline",
@@ -54,6 +58,21 @@ def make_scheduler(name: str, **config):
     if name == "euler":
         return EulerDiscreteScheduler(**config)
     raise ValueError(f"unknown scheduler {name!r}; choose one of {', '.join(LDM_SR_SCHEDULERS)}")
+
+
+def sd_scheduler(name: str, prediction_type: str = "epsilon"):
+    """:func:`make_scheduler` configured as Stable Diffusion's (scaled_linear betas 0.00085..0.012, steps_offset 1,
+    DDIM without clipping or a final alpha of one), for the SD, SDXL and x4-upscaler stand-ins."""
+    return make_scheduler(
+        name,
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type=prediction_type,
+        steps_offset=1,  # as in SD's own configs (diffusers warns otherwise)
+        **({"clip_sample": False, "set_alpha_to_one": False} if name == "ddim" else {}),
+    )
 
 
 def tiny_ldm_sr_pipeline(scheduler: str = "ddim", prediction_type: str = "epsilon"):
@@ -144,14 +163,11 @@ def tiny_sd_pipeline(kind: str = "text2img", scheduler: str = "ddim", prediction
     (scaled_linear 0.00085..0.012). No safety checker or feature extractor.
     """
     from diffusers import (
-        AutoencoderKL,
         StableDiffusionImg2ImgPipeline,
         StableDiffusionInpaintPipeline,
         StableDiffusionPipeline,
         UNet2DConditionModel,
     )
-    from transformers import CLIPTextConfig, CLIPTextModel
-
     classes = {
         "text2img": StableDiffusionPipeline,
         "img2img": StableDiffusionImg2ImgPipeline,
@@ -172,43 +188,12 @@ def tiny_sd_pipeline(kind: str = "text2img", scheduler: str = "ddim", prediction
         attention_head_dim=4,
         norm_num_groups=4,
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=32,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=1000,
-            hidden_size=32,
-            intermediate_size=37,
-            num_attention_heads=4,
-            num_hidden_layers=2,
-            max_position_embeddings=77,
-            bos_token_id=512,
-            eos_token_id=513,
-            pad_token_id=513,
-        )
-    )
-    sched = make_scheduler(
-        scheduler,
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type=prediction_type,
-        steps_offset=1,  # as in SD's own configs (diffusers warns otherwise)
-        **({"clip_sample": False, "set_alpha_to_one": False} if scheduler == "ddim" else {}),
-    )
+    vae = tiny_autoencoder_kl(0.18215, force_upcast=True)  # SD's scaling_factor and AutoencoderKL's default upcast
+    text_encoder = tiny_clip_text_encoder(32)
+    sched = sd_scheduler(scheduler, prediction_type)
     pipe = classes[kind](
-        vae=vae.eval(),  # eval mode, as from_pretrained gives
-        text_encoder=text_encoder.eval(),
+        vae=vae,
+        text_encoder=text_encoder,
         tokenizer=tiny_clip_tokenizer(),
         unet=unet.eval(),
         scheduler=sched,

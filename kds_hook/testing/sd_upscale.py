@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from .sd import make_scheduler, tiny_clip_tokenizer
+from .sd import sd_scheduler, tiny_clip_tokenizer
 from .text import tiny_clip_text_encoder
 from .vae import tiny_autoencoder_kl
 
@@ -22,7 +22,7 @@ __all__ = ["tiny_sd_upscale_pipeline"]
 def tiny_sd_upscale_pipeline(scheduler: str = "ddim", prediction_type: str = "v_prediction"):
     """A tiny StableDiffusionUpscalePipeline (4x): an 8x8 input image gives a 32x32 output.
 
-    ``scheduler`` is ``"ddim"``, ``"dpmpp"`` or ``"euler"`` (see :func:`~kds_hook.testing.make_scheduler`).
+    ``scheduler`` is ``"ddim"``, ``"dpmpp"`` or ``"euler"`` (see :func:`~kds_hook.testing.sd_scheduler`).
     Prompts work (a tiny CLIP text model and byte-level tokenizer); so do ``prompt_embeds`` of shape
     (B, 77, 32). Input sizes must be multiples of 4 pixels (the tiny UNet downsamples twice). No safety checker
     and no watermarker.
@@ -46,16 +46,7 @@ def tiny_sd_upscale_pipeline(scheduler: str = "ddim", prediction_type: str = "v_
     )
     vae = tiny_autoencoder_kl(0.08333, block_out_channels=(8, 8, 16))  # factor 4, the real one's
     text_encoder = tiny_clip_text_encoder(32)
-    sched = make_scheduler(
-        scheduler,
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        prediction_type=prediction_type,
-        steps_offset=1,
-        **({"clip_sample": False, "set_alpha_to_one": False} if scheduler == "ddim" else {}),
-    )
+    sched = sd_scheduler(scheduler, prediction_type)
     pipe = StableDiffusionUpscalePipeline(
         vae=vae,
         text_encoder=text_encoder,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .sd import make_scheduler, tiny_clip_tokenizer
+from .sd import sd_scheduler, tiny_clip_tokenizer
 from .text import tiny_clip_text_encoder
 from .vae import tiny_autoencoder_kl
 
@@ -26,7 +26,7 @@ def tiny_sdxl_pipeline(kind: str = "text2img", scheduler: str = "euler", inpaint
     model; with 4 the base UNet, the pipeline then pastes the known region back after every step).
 
     ``scheduler`` is ``"euler"`` (SDXL's default), ``"ddim"`` or ``"dpmpp"`` (see
-    :func:`~kds_hook.testing.make_scheduler`). Prompts work; so do ``prompt_embeds`` (B, 77, 64) with
+    :func:`~kds_hook.testing.sd_scheduler`). Prompts work; so do ``prompt_embeds`` (B, 77, 64) with
     ``pooled_prompt_embeds`` (B, 32). Sizes must be multiples of 8 (use height=width=32).
     """
     from diffusers import (
@@ -65,15 +65,7 @@ def tiny_sdxl_pipeline(kind: str = "text2img", scheduler: str = "euler", inpaint
     vae = tiny_autoencoder_kl(0.13025)  # SDXL's scaling_factor; the real fp16 VAE sets force_upcast
     text_encoder = tiny_clip_text_encoder(32)
     text_encoder_2 = tiny_clip_text_encoder(32, projection_dim=32)  # its pooled projection
-    sched = make_scheduler(
-        scheduler,
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        steps_offset=1,
-        **({"clip_sample": False, "set_alpha_to_one": False} if scheduler == "ddim" else {}),
-    )
+    sched = sd_scheduler(scheduler)
     pipe = classes[kind](
         vae=vae,
         text_encoder=text_encoder,
