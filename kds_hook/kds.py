@@ -73,7 +73,7 @@ class KDS:
         selection: str = "mean",
         record: bool = False,
         check_finite: bool = True,
-        process_group=None,
+        process_group: Optional["torch.distributed.ProcessGroup"] = None,
     ):
         self.num_particles = check_num_particles(num_particles)
         self.meanshift = PatchMeanShift(patch_size=patch_size, bandwidth=bandwidth)
